@@ -1,0 +1,77 @@
+"""Run the lookahead closure call without side effects.
+
+Note [side-effect-free lookahead]: the second closure call must measure the *same* function as
+the first, at another point. Two things would otherwise differ or leak:
+
+- random state: dropout masks (and anything else drawn from torch's generators) must repeat, so
+  the call replays the generator state the first call started from, and afterwards the
+  generators continue from where the first call left them, as if the lookahead never ran;
+- module buffers: BatchNorm's running statistics (and ``num_batches_tracked``) must not be
+  updated a second time. Newt has no reference to the model, only to its parameters, so a
+  global forward pre-hook, installed only for the duration of the call, snapshots the buffers of
+  every module the closure runs and puts them back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class RngState:
+    """The state of torch's CPU generator and of the CUDA generators of some devices."""
+
+    def __init__(self, cuda_devices: Sequence[torch.device]) -> None:
+        self._devices = list(cuda_devices)
+        self._cpu = torch.get_rng_state()
+        self._cuda = [torch.cuda.get_rng_state(d) for d in self._devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self._cpu)
+        for device, state in zip(self._devices, self._cuda):
+            torch.cuda.set_rng_state(state, device)
+
+
+def cuda_devices(params: Sequence[torch.Tensor]) -> list[torch.device]:
+    """The distinct CUDA devices among ``params``."""
+    return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+
+
+@contextlib.contextmanager
+def frozen_module_buffers() -> Iterator[None]:
+    """Undo, on exit, every change the enclosed forward passes make to module buffers."""
+    saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
+
+    def remember(module: nn.Module, args: object) -> None:
+        if id(module) in saved:  # a module called twice: its state before the first call counts
+            return
+        saved[id(module)] = (
+            module,
+            [(name, buf, buf.detach().clone()) for name, buf in module._buffers.items() if buf is not None],
+        )
+
+    handle = nn.modules.module.register_module_forward_pre_hook(remember)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, entries in saved.values():
+                for name, original, copy in entries:
+                    if module._buffers.get(name) is not original:  # a forward that rebinds, not mutates
+                        module._buffers[name] = original
+                    original.copy_(copy)
+
+
+@contextlib.contextmanager
+def replayed_rng(start: RngState) -> Iterator[None]:
+    """Run the enclosed code from the generator state ``start``; restore the current state after."""
+    now = RngState(start._devices)
+    start.restore()
+    try:
+        yield
+    finally:
+        now.restore()

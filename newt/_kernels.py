@@ -1,0 +1,119 @@
+"""Tensor work of a step: the snapshot buffer and the dot products along the step.
+
+Note [one buffer]: the only parameter-sized memory Newt keeps is a snapshot of theta_t. The
+step ``d = theta_t - theta_{t+1}`` is never stored: the dot products recompute it bucket by
+bucket into short-lived temporaries of at most ``_BUCKET_NUMEL`` elements (or one tensor, if a
+single tensor is larger). Keeping theta_t itself, rather than d, is what lets a rejected or
+failed step restore the parameters bit for bit (``theta_{t+1} + d`` is not always exactly
+``theta_t`` in floating point).
+
+Every function here has a multi-tensor path built on ``torch._foreach_*`` kernels and a
+per-tensor path; the tests check that both give the same numbers. Results stay on the device:
+the optimizer syncs once per step, for all its scalars together.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+
+_BUCKET_NUMEL = 1 << 22
+# Dot products are accumulated in at least float32; low-precision tensors are upcast per bucket.
+_ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_HAS_FOREACH_MM = hasattr(torch, "_foreach_mm")
+
+
+def new_snapshot(params: Tensors) -> list[torch.Tensor]:
+    """Allocate a buffer shaped like ``params`` (contents undefined)."""
+    return [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+
+
+def snapshot_fits(snapshot: Tensors | None, params: Tensors) -> bool:
+    """True when ``snapshot`` can hold a copy of ``params`` (same shapes, dtypes and devices)."""
+    return snapshot is not None and len(snapshot) == len(params) and all(
+        s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for s, p in zip(snapshot, params)
+    )
+
+
+def copy_(destination: Tensors, source: Tensors, *, foreach: bool = True) -> None:
+    """``destination[i] <- source[i]`` for every i, bit for bit."""
+    if foreach and len(destination) > 0:
+        torch._foreach_copy_(list(destination), list(source))
+    else:
+        for dst, src in zip(destination, source):
+            dst.copy_(src)
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _buckets(indices: list[int], sizes: list[int]) -> list[list[int]]:
+    buckets: list[list[int]] = [[]]
+    filled = 0
+    for i in indices:
+        if buckets[-1] and filled + sizes[i] > _BUCKET_NUMEL:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(i)
+        filled += sizes[i]
+    return buckets
+
+
+def step_dot(grads: Tensors, snapshot: Tensors, params: Tensors, *, foreach: bool = True) -> torch.Tensor:
+    """Return ``sum_i <grads[i], snapshot[i] - params[i]>`` as a float64 scalar tensor.
+
+    With ``snapshot = theta_t`` and ``params = theta_{t+1}`` this is ``<grad, d>`` for the step
+    ``d``. Complex tensors use the real inner product (that of their real views). A ``None``
+    gradient contributes zero. The result lives on the device of the first tensor.
+    """
+    triples = [(_as_real(g), _as_real(s), _as_real(p)) for g, s, p in zip(grads, snapshot, params) if g is not None]
+    if not triples:
+        device = params[0].device if len(params) else torch.device("cpu")
+        return torch.zeros((), dtype=torch.float64, device=device)
+    result_device = triples[0][2].device
+    if not foreach:
+        parts = [_dot(g.to(s.dtype), s - p) for g, s, p in triples]
+        return torch.stack([x.to(result_device) for x in parts]).sum()
+
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, (_, s, _) in enumerate(triples):
+        groups[(s.device, s.dtype)].append(i)
+    sizes = [s.numel() for _, s, _ in triples]
+    partial_sums = []
+    for (_, dtype), indices in groups.items():
+        for bucket in _buckets(indices, sizes):
+            g = [triples[i][0] for i in bucket]
+            s = [triples[i][1] for i in bucket]
+            p = [triples[i][2] for i in bucket]
+            deltas = torch._foreach_sub(s, p)
+            wide = _ACCUMULATE.get(dtype)
+            if wide is not None:
+                deltas = [x.to(wide) for x in deltas]
+                g = [x.to(wide) for x in g]
+            g = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(g, deltas)]
+            partial_sums.append(_foreach_dot(g, deltas).to(result_device))
+            del deltas
+    return torch.stack(partial_sums).sum()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One inner product, accumulated in at least float32, returned as float64."""
+    wide = _ACCUMULATE.get(a.dtype)
+    if wide is not None:
+        a, b = a.to(wide), b.to(wide)
+    return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
+
+
+def _foreach_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the inner products of two same-dtype lists, as a float64 scalar."""
+    if _HAS_FOREACH_MM:
+        rows = [x.reshape(1, -1) for x in a]
+        cols = [y.reshape(-1, 1) for y in b]
+        products = torch._foreach_mm(rows, cols)
+        return torch.cat([x.reshape(1) for x in products]).to(torch.float64).sum()
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).to(torch.float64).sum()

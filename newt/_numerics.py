@@ -1,0 +1,97 @@
+"""Scalar guards shared by every update rule (SPEC section 4).
+
+Everything here works on plain Python floats: a rule sees a handful of
+scalars per step, so float64 arithmetic on the host is exact enough and free.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+
+class Decision(str, enum.Enum):
+    """Why a rule produced the rate it did.
+
+    The values are plain strings, so they log and serialise as such.
+    """
+
+    NEWTON = "newton"
+    """The rule's formula was applied as computed."""
+    CLAMPED = "clamped"
+    """The formula's result was limited by ``max_factor`` or by ``[alpha_min, alpha_max]``."""
+    NONCONVEX = "nonconvex"
+    """The curvature denominator was not safely positive (this includes a zero
+    direction): the rate was kept."""
+    NONFINITE = "nonfinite"
+    """A measured number (or the current rate) was NaN or infinite: the rate was shrunk."""
+
+
+class Proposal(NamedTuple):
+    """What a rule returns: the next rate and the reason for it."""
+
+    alpha: float
+    decision: Decision
+
+
+def all_finite(*values: float) -> bool:
+    """Return True when every value is a finite number."""
+    return all(math.isfinite(v) for v in values)
+
+
+def guarded_ratio(numerator: float, denominator: float, scale: float, eps: float) -> float | None:
+    """Return ``numerator / denominator``, or None when the denominator is not safely positive.
+
+    "Safely positive" is scale-free: ``denominator > eps * scale``, where
+    ``scale`` is a magnitude of the same units as the denominator (the rules
+    pass ``|D0| + |D1|``). With ``scale == 0`` (a zero direction) every
+    denominator fails, so no division by zero ever happens. The quotient may
+    overflow to an infinity; the clamps downstream absorb it.
+    """
+    if not denominator > eps * scale:
+        return None
+    try:
+        return numerator / denominator
+    except OverflowError:  # pragma: no cover - float division overflows to inf, never raises
+        return math.copysign(math.inf, numerator)
+
+
+def clamp_alpha(alpha: float, alpha_min: float, alpha_max: float) -> float:
+    """Clamp a rate into ``[alpha_min, alpha_max]``; NaN maps to ``alpha_min``."""
+    if math.isnan(alpha):
+        return alpha_min
+    return min(max(alpha, alpha_min), alpha_max)
+
+
+def bounded(
+    alpha: float, proposed: float, *, alpha_min: float, alpha_max: float, max_factor: float
+) -> Proposal:
+    """Apply the factor clamp, then the rate clamp, to a proposed rate.
+
+    The factor clamp keeps ``proposed / alpha`` in ``[1/max_factor, max_factor]``
+    (which also turns a non-positive proposal into ``alpha / max_factor``); the
+    rate clamp then keeps the result in ``[alpha_min, alpha_max]``, which wins
+    if the two disagree. The decision is ``NEWTON`` when nothing was clipped.
+    """
+    if math.isnan(proposed):
+        return shrunk(alpha, 1.0 / max_factor, alpha_min=alpha_min, alpha_max=alpha_max)
+    result = min(max(proposed, alpha / max_factor), alpha * max_factor)
+    result = clamp_alpha(result, alpha_min, alpha_max)
+    return Proposal(result, Decision.NEWTON if result == proposed else Decision.CLAMPED)
+
+
+def kept(alpha: float, *, alpha_min: float, alpha_max: float) -> Proposal:
+    """Keep the current rate (clamped into bounds): the non-convex fallback."""
+    return Proposal(clamp_alpha(alpha, alpha_min, alpha_max), Decision.NONCONVEX)
+
+
+def shrunk(alpha: float, factor: float, *, alpha_min: float, alpha_max: float) -> Proposal:
+    """Multiply the rate by ``factor`` (< 1) after a non-finite measurement.
+
+    A current rate that is itself NaN or not positive has no meaningful
+    multiple, so it restarts from ``alpha_min``.
+    """
+    if math.isnan(alpha) or alpha <= 0.0:
+        return Proposal(alpha_min, Decision.NONFINITE)
+    return Proposal(clamp_alpha(alpha * factor, alpha_min, alpha_max), Decision.NONFINITE)
