@@ -34,8 +34,10 @@ def new_snapshot(params: Tensors) -> list[torch.Tensor]:
 
 def snapshot_fits(snapshot: Tensors | None, params: Tensors) -> bool:
     """True when ``snapshot`` can hold a copy of ``params`` (same shapes, dtypes and devices)."""
-    return snapshot is not None and len(snapshot) == len(params) and all(
-        s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for s, p in zip(snapshot, params)
+    return (
+        snapshot is not None
+        and len(snapshot) == len(params)
+        and all(s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for s, p in zip(snapshot, params))
     )
 
 

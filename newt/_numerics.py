@@ -64,9 +64,7 @@ def clamp_alpha(alpha: float, alpha_min: float, alpha_max: float) -> float:
     return min(max(alpha, alpha_min), alpha_max)
 
 
-def bounded(
-    alpha: float, proposed: float, *, alpha_min: float, alpha_max: float, max_factor: float
-) -> Proposal:
+def bounded(alpha: float, proposed: float, *, alpha_min: float, alpha_max: float, max_factor: float) -> Proposal:
     """Apply the factor clamp, then the rate clamp, to a proposed rate.
 
     The factor clamp keeps ``proposed / alpha`` in ``[1/max_factor, max_factor]``

@@ -94,8 +94,13 @@ class Newt(torch.optim.Optimizer):
     ) -> None:
         _check_inner(inner)
         self.options = RuleOptions(
-            gamma=gamma, smoothing=smoothing, alpha_min=alpha_min, alpha_max=alpha_max,
-            max_factor=max_factor, eps=eps, nonfinite_shrink=nonfinite_shrink,
+            gamma=gamma,
+            smoothing=smoothing,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            max_factor=max_factor,
+            eps=eps,
+            nonfinite_shrink=nonfinite_shrink,
         )
         self.strategy = strategy
         self._rule = _resolve_strategy(strategy)
@@ -317,9 +322,7 @@ def _resolve_strategy(strategy: object) -> Rule:
         return STRATEGIES[strategy]
     if callable(strategy):
         return guard_custom_rule(strategy)
-    raise TypeError(
-        f"strategy must be one of {', '.join(map(repr, STRATEGIES))} or a callable, got {strategy!r}."
-    )
+    raise TypeError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))} or a callable, got {strategy!r}.")
 
 
 def _loss_tensor(loss: object, which: str) -> torch.Tensor:

@@ -97,26 +97,102 @@ class RuleOptions:
     def __post_init__(self) -> None:
         check = _check_real
         set_ = object.__setattr__  # frozen dataclass: normalise ints to floats once, here
-        set_(self, "gamma", check("gamma", self.gamma, low=0, high=1, low_open=True, high_open=False,
-                                  hint="gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp."))
-        set_(self, "smoothing", check("smoothing", self.smoothing, low=0, high=1, low_open=False, high_open=True,
-                                      hint="smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9."))
-        set_(self, "alpha_min", check("alpha_min", self.alpha_min, low=0, high=math.inf, low_open=True, high_open=True,
-                                      hint="alpha_min is the smallest learning rate allowed, e.g. 1e-10."))
-        set_(self, "alpha_max", check("alpha_max", self.alpha_max, low=0, high=math.inf, low_open=True, high_open=True,
-                                      hint="alpha_max is the largest learning rate allowed, e.g. 1e4."))
+        set_(
+            self,
+            "gamma",
+            check(
+                "gamma",
+                self.gamma,
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=False,
+                hint="gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp.",
+            ),
+        )
+        set_(
+            self,
+            "smoothing",
+            check(
+                "smoothing",
+                self.smoothing,
+                low=0,
+                high=1,
+                low_open=False,
+                high_open=True,
+                hint="smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9.",
+            ),
+        )
+        set_(
+            self,
+            "alpha_min",
+            check(
+                "alpha_min",
+                self.alpha_min,
+                low=0,
+                high=math.inf,
+                low_open=True,
+                high_open=True,
+                hint="alpha_min is the smallest learning rate allowed, e.g. 1e-10.",
+            ),
+        )
+        set_(
+            self,
+            "alpha_max",
+            check(
+                "alpha_max",
+                self.alpha_max,
+                low=0,
+                high=math.inf,
+                low_open=True,
+                high_open=True,
+                hint="alpha_max is the largest learning rate allowed, e.g. 1e4.",
+            ),
+        )
         if not self.alpha_min < self.alpha_max:
             raise ValueError(
                 f"alpha_min must be smaller than alpha_max, got alpha_min={self.alpha_min!r} "
                 f"and alpha_max={self.alpha_max!r}. Swap them or widen the interval."
             )
-        set_(self, "max_factor", check("max_factor", self.max_factor, low=1, high=math.inf, low_open=True,
-                                       high_open=True, hint="max_factor bounds each update's change, e.g. 10."))
-        set_(self, "eps", check("eps", self.eps, low=0, high=1, low_open=False, high_open=True,
-                                hint="eps is a relative tolerance, e.g. 1e-8."))
-        set_(self, "nonfinite_shrink", check("nonfinite_shrink", self.nonfinite_shrink, low=0, high=1,
-                                             low_open=True, high_open=True,
-                                             hint="nonfinite_shrink multiplies the rate after a NaN/inf, e.g. 0.1."))
+        set_(
+            self,
+            "max_factor",
+            check(
+                "max_factor",
+                self.max_factor,
+                low=1,
+                high=math.inf,
+                low_open=True,
+                high_open=True,
+                hint="max_factor bounds each update's change, e.g. 10.",
+            ),
+        )
+        set_(
+            self,
+            "eps",
+            check(
+                "eps",
+                self.eps,
+                low=0,
+                high=1,
+                low_open=False,
+                high_open=True,
+                hint="eps is a relative tolerance, e.g. 1e-8.",
+            ),
+        )
+        set_(
+            self,
+            "nonfinite_shrink",
+            check(
+                "nonfinite_shrink",
+                self.nonfinite_shrink,
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=True,
+                hint="nonfinite_shrink multiplies the rate after a NaN/inf, e.g. 0.1.",
+            ),
+        )
 
 
 DEFAULT_OPTIONS = RuleOptions()
@@ -137,8 +213,9 @@ def _keep(alpha: float, options: RuleOptions) -> Proposal:
 
 
 def _bound(alpha: float, proposed: float, options: RuleOptions) -> Proposal:
-    return bounded(alpha, proposed, alpha_min=options.alpha_min, alpha_max=options.alpha_max,
-                   max_factor=options.max_factor)
+    return bounded(
+        alpha, proposed, alpha_min=options.alpha_min, alpha_max=options.alpha_max, max_factor=options.max_factor
+    )
 
 
 def _damped_newton(alpha: float, d1: float, curvature: float, scale: float, options: RuleOptions) -> Proposal:
@@ -153,8 +230,9 @@ def _damped_newton(alpha: float, d1: float, curvature: float, scale: float, opti
     return _bound(alpha, alpha * (1.0 + options.gamma * ratio), options)
 
 
-def retsinas(alpha: float, f0: float, f1: float, d0: float, d1: float,
-             options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
+def retsinas(
+    alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
     """Newton step on the rate with curvature from the gradient difference.
 
     Retsinas, Sfikas, Filntisis, Maragos, "Newton-based trainable learning rate",
@@ -170,8 +248,9 @@ def retsinas(alpha: float, f0: float, f1: float, d0: float, d1: float,
     return _damped_newton(alpha, d1, d0 - d1, abs(d0) + abs(d1), options)
 
 
-def taylor(alpha: float, f0: float, f1: float, d0: float, d1: float,
-           options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
+def taylor(
+    alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
     """Newton step on the rate with curvature from a second-order Taylor expansion.
 
     Expanding the loss around the lookahead point and evaluating it at the start gives
@@ -184,8 +263,7 @@ def taylor(alpha: float, f0: float, f1: float, d0: float, d1: float,
     return _damped_newton(alpha, d1, 2.0 * (f0 - f1 - d1), abs(d0) + abs(d1), options)
 
 
-def gen(alpha: float, f0: float, f1: float, d0: float, d1: float,
-        options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
+def gen(alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
     """Generalized Newton's method: jump to a fitted parabola's minimiser, then smooth.
 
     Bu and Xu, "Automatic gradient descent with generalized Newton's method", 2024. The
@@ -218,8 +296,9 @@ def guard_custom_rule(rule: Callable[..., object]) -> Rule:
     shrinks); a finite one goes through the factor and rate clamps.
     """
 
-    def guarded(alpha: float, f0: float, f1: float, d0: float, d1: float,
-                options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
+    def guarded(
+        alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+    ) -> Proposal:
         result = rule(alpha, f0, f1, d0, d1, options)
         decision = None
         if isinstance(result, tuple):
