@@ -1,0 +1,119 @@
+"""The quick demo: train an MLP on scikit-learn's digits from a range of bad and good initial
+learning rates, with the plain inner optimizer and with ``Newt`` wrapped around it.
+
+Run ``python -m benchmarks.demo`` (about a minute on 2 CPU cores). It prints a markdown table of
+the final training loss and test accuracy per initial rate and writes ``docs/img/demo.png``
+(the loss curves and the learning-rate trajectories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.tasks import digits, digits_mlp
+from newt import Newt
+
+INNER = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+
+
+def train(inner_name: str, lr: float, use_newt: bool, steps: int, seed: int, strategy: str) -> dict:
+    x_train, y_train, x_test, y_test = digits()
+    model = digits_mlp(seed)
+    inner = INNER[inner_name](model.parameters(), lr)
+    opt = Newt(inner, strategy=strategy) if use_newt else inner
+    batches = torch.Generator().manual_seed(seed)
+    losses, rates = [], []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_train), (128,), generator=batches)
+        xb, yb = x_train[idx], y_train[idx]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+        rates.append(opt.param_groups[0]["lr"])
+    model.eval()
+    with torch.no_grad():
+        train_loss = float(nn.functional.cross_entropy(model(x_train), y_train))
+        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    return {"losses": losses, "rates": rates, "train_loss": train_loss, "accuracy": accuracy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--inner", choices=sorted(INNER), default="adam")
+    parser.add_argument("--strategy", default="taylor")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", type=Path, default=Path("docs/img/demo.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    runs = {}
+    jobs = [(lr, use_newt) for lr in args.rates for use_newt in (False, True)]
+    for lr, use_newt in tqdm(jobs, desc=f"digits MLP, {args.inner}", unit="run"):
+        runs[lr, use_newt] = train(args.inner, lr, use_newt, args.steps, args.seed, args.strategy)
+
+    print(f"\nDigits MLP, {args.steps} steps of 128, inner {args.inner}, Newt strategy {args.strategy!r}, seed {args.seed}")
+    print("| initial lr | plain: train loss | plain: test acc | Newt: train loss | Newt: test acc | Newt: final lr |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for lr in args.rates:
+        plain, newt = runs[lr, False], runs[lr, True]
+        print(
+            f"| {lr:g} | {plain['train_loss']:.4f} | {plain['accuracy']:.3f} | {newt['train_loss']:.4f} "
+            f"| {newt['accuracy']:.3f} | {newt['rates'][-1]:.3g} |"
+        )
+    worst = max(runs[lr, True]["train_loss"] for lr in args.rates)
+    best_plain = min(runs[lr, False]["train_loss"] for lr in args.rates)
+    print(f"\nWorst Newt train loss over the rates: {worst:.4f}; best tuned plain: {best_plain:.4f}")
+    plot(runs, args)
+
+
+def plot(runs: dict, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.cm.viridis([i / max(1, len(args.rates) - 1) for i in range(len(args.rates))])
+    for color, lr in zip(colors, args.rates):
+        for use_newt, style in ((False, ":"), (True, "-")):
+            run = runs[lr, use_newt]
+            label = f"{'Newt' if use_newt else 'plain'} lr0={lr:g}"
+            ax_loss.plot(_smooth(run["losses"]), style, color=color, label=label, lw=1.2)
+        ax_rate.plot(runs[lr, True]["rates"], color=color, label=f"lr0={lr:g}", lw=1.2)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="mini-batch loss (smoothed)", title="plain (dotted) vs Newt (solid)")
+    ax_rate.set(yscale="log", xlabel="step", ylabel="learning rate", title=f"Newt's rate ({args.strategy}, {args.inner})")
+    ax_rate.legend(fontsize=7)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=90)
+    print(f"Wrote {args.plot}")
+
+
+def _smooth(values: list[float], width: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v if math.isfinite(v) else 1e3
+        if i >= width:
+            acc -= values[i - width] if math.isfinite(values[i - width]) else 1e3
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+if __name__ == "__main__":
+    main()
