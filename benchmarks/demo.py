@@ -25,11 +25,12 @@ INNER = {
 }
 
 
-def train(inner_name: str, lr: float, use_newt: bool, steps: int, seed: int, strategy: str) -> dict:
+def train(inner_name: str, lr: float, use_newt: bool, steps: int, seed: int, **newt_options) -> dict:
+    """Train the digits MLP; ``newt_options`` go to ``Newt`` (ignored for the plain run)."""
     x_train, y_train, x_test, y_test = digits()
     model = digits_mlp(seed)
     inner = INNER[inner_name](model.parameters(), lr)
-    opt = Newt(inner, strategy=strategy) if use_newt else inner
+    opt = Newt(inner, **newt_options) if use_newt else inner
     batches = torch.Generator().manual_seed(seed)
     losses, rates = [], []
     for _ in range(steps):
@@ -65,9 +66,9 @@ def main() -> None:
     runs = {}
     jobs = [(lr, use_newt) for lr in args.rates for use_newt in (False, True)]
     for lr, use_newt in tqdm(jobs, desc=f"digits MLP, {args.inner}", unit="run"):
-        runs[lr, use_newt] = train(args.inner, lr, use_newt, args.steps, args.seed, args.strategy)
+        runs[lr, use_newt] = train(args.inner, lr, use_newt, args.steps, args.seed, strategy=args.strategy)
 
-    print(f"\nDigits MLP, {args.steps} steps of 128, inner {args.inner}, Newt strategy {args.strategy!r}, seed {args.seed}")
+    print(f"\nDigits MLP, {args.steps} steps of 128, inner {args.inner}, strategy {args.strategy!r}, seed {args.seed}")
     print("| initial lr | plain: train loss | plain: test acc | Newt: train loss | Newt: test acc | Newt: final lr |")
     print("|---:|---:|---:|---:|---:|---:|")
     for lr in args.rates:
@@ -96,8 +97,10 @@ def plot(runs: dict, args: argparse.Namespace) -> None:
             label = f"{'Newt' if use_newt else 'plain'} lr0={lr:g}"
             ax_loss.plot(_smooth(run["losses"]), style, color=color, label=label, lw=1.2)
         ax_rate.plot(runs[lr, True]["rates"], color=color, label=f"lr0={lr:g}", lw=1.2)
-    ax_loss.set(yscale="log", xlabel="step", ylabel="mini-batch loss (smoothed)", title="plain (dotted) vs Newt (solid)")
-    ax_rate.set(yscale="log", xlabel="step", ylabel="learning rate", title=f"Newt's rate ({args.strategy}, {args.inner})")
+    ax_loss.set(yscale="log", xlabel="step", ylabel="mini-batch loss (smoothed)")
+    ax_loss.set_title("plain (dotted) vs Newt (solid)")
+    ax_rate.set(yscale="log", xlabel="step", ylabel="learning rate")
+    ax_rate.set_title(f"Newt's rate ({args.strategy}, {args.inner})")
     ax_rate.legend(fontsize=7)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)

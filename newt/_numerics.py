@@ -49,7 +49,7 @@ def guarded_ratio(numerator: float, denominator: float, scale: float, eps: float
     denominator fails, so no division by zero ever happens. The quotient may
     overflow to an infinity; the clamps downstream absorb it.
     """
-    if not denominator > eps * scale:
+    if not (scale > 0.0 and denominator > eps * scale):
         return None
     try:
         return numerator / denominator
