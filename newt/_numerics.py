@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from typing import NamedTuple
 
 
@@ -16,6 +17,12 @@ class Decision(str, enum.Enum):
 
     The values are plain strings, so they log and serialise as such.
     """
+
+    def __str__(self) -> str:  # "spike", not "Decision.SPIKE", in f-strings and logs
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     NEWTON = "newton"
     """The rule's formula was applied as computed."""
@@ -26,6 +33,16 @@ class Decision(str, enum.Enum):
     direction): the rate was kept."""
     NONFINITE = "nonfinite"
     """A measured number (or the current rate) was NaN or infinite: the rate was shrunk."""
+    PLAIN = "plain"
+    """The step did not adapt the rate: a plain inner step (lazy updates, a closure-free step
+    inside a block, or a rate that a scheduler set to zero)."""
+    VANISHED = "vanished"
+    """The step did not change the parameters at all (it vanished in their floating-point
+    precision) although the gradient is not zero: the rate was too small to measure anything,
+    so it grew by ``max_factor``."""
+    SPIKE = "spike"
+    """The lookahead loss rose far above the starting loss (the step overshot): the rate was
+    shrunk, as after a non-finite measurement."""
 
 
 class Proposal(NamedTuple):
@@ -84,12 +101,34 @@ def kept(alpha: float, *, alpha_min: float, alpha_max: float) -> Proposal:
     return Proposal(clamp_alpha(alpha, alpha_min, alpha_max), Decision.NONCONVEX)
 
 
-def shrunk(alpha: float, factor: float, *, alpha_min: float, alpha_max: float) -> Proposal:
-    """Multiply the rate by ``factor`` (< 1) after a non-finite measurement.
+def shrunk(
+    alpha: float,
+    factor: float,
+    *,
+    alpha_min: float,
+    alpha_max: float,
+    decision: Decision = Decision.NONFINITE,
+) -> Proposal:
+    """Multiply the rate by ``factor`` (< 1) after a non-finite measurement or a loss spike.
 
     A current rate that is itself NaN or not positive has no meaningful
     multiple, so it restarts from ``alpha_min``.
     """
     if math.isnan(alpha) or alpha <= 0.0:
-        return Proposal(alpha_min, Decision.NONFINITE)
-    return Proposal(clamp_alpha(alpha * factor, alpha_min, alpha_max), Decision.NONFINITE)
+        return Proposal(alpha_min, decision)
+    return Proposal(clamp_alpha(alpha * factor, alpha_min, alpha_max), decision)
+
+
+def check_real(
+    name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool, hint: str
+) -> float:
+    """Validate one real hyperparameter and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}. {hint}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}. {hint}")
+    return value

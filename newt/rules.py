@@ -32,6 +32,8 @@ from newt._numerics import (
     Proposal,
     all_finite,
     bounded,
+    check_real,
+    clamp_alpha,
     guarded_ratio,
     kept,
     shrunk,
@@ -39,31 +41,22 @@ from newt._numerics import (
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "LOSS_FREE_STRATEGIES",
     "STRATEGIES",
     "Decision",
     "Proposal",
     "Rule",
     "RuleOptions",
     "gen",
+    "gen_slopes",
+    "grown_rate",
     "guard_custom_rule",
     "retsinas",
+    "scheduled_proposal",
+    "shrunk_rate",
+    "spike_guard",
     "taylor",
 ]
-
-
-def _check_real(
-    name: str, value: object, *, low: float, high: float, low_open: bool, high_open: bool, hint: str
-) -> float:
-    """Validate one real hyperparameter and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}. {hint}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if math.isnan(value) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}. {hint}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -84,8 +77,9 @@ class RuleOptions:
         eps: Relative guard of every division: a curvature denominator counts as positive only
             when it exceeds ``eps * (|d0| + |d1|)``; >= 0. The comparison is scale-free, so
             multiplying the loss by a constant never changes a decision.
-        nonfinite_shrink: Factor, in (0, 1), applied to the rate when a measured number is NaN
-            or infinite (usually the lookahead stepped into an overflow: the rate was too big).
+        shrink: Factor, in (0, 1), applied to the rate when a measured number is NaN
+            or infinite (usually the lookahead stepped into an overflow: the rate was too big),
+            and after a loss spike (see :func:`spike_guard`).
     """
 
     gamma: float = 0.5
@@ -94,107 +88,32 @@ class RuleOptions:
     alpha_max: float = 1e4
     max_factor: float = 2.0
     eps: float = 1e-8
-    nonfinite_shrink: float = 0.1
+    shrink: float = 0.1
 
     def __post_init__(self) -> None:
-        check = _check_real
-        set_ = object.__setattr__  # frozen dataclass: normalise ints to floats once, here
-        set_(
-            self,
-            "gamma",
-            check(
-                "gamma",
-                self.gamma,
-                low=0,
-                high=1,
-                low_open=True,
-                high_open=False,
-                hint="gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp.",
-            ),
-        )
-        set_(
-            self,
-            "smoothing",
-            check(
-                "smoothing",
-                self.smoothing,
-                low=0,
-                high=1,
-                low_open=False,
-                high_open=True,
-                hint="smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9.",
-            ),
-        )
-        set_(
-            self,
-            "alpha_min",
-            check(
-                "alpha_min",
-                self.alpha_min,
-                low=0,
-                high=math.inf,
-                low_open=True,
-                high_open=True,
-                hint="alpha_min is the smallest learning rate allowed, e.g. 1e-10.",
-            ),
-        )
-        set_(
-            self,
-            "alpha_max",
-            check(
-                "alpha_max",
-                self.alpha_max,
-                low=0,
-                high=math.inf,
-                low_open=True,
-                high_open=True,
-                hint="alpha_max is the largest learning rate allowed, e.g. 1e4.",
-            ),
-        )
+        for name, (low, high, low_open, high_open, hint) in _OPTION_RANGES.items():
+            # frozen dataclass: normalise ints to floats once, here
+            value = check_real(
+                name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=high_open, hint=hint
+            )
+            object.__setattr__(self, name, value)
         if not self.alpha_min < self.alpha_max:
             raise ValueError(
                 f"alpha_min must be smaller than alpha_max, got alpha_min={self.alpha_min!r} "
                 f"and alpha_max={self.alpha_max!r}. Swap them or widen the interval."
             )
-        set_(
-            self,
-            "max_factor",
-            check(
-                "max_factor",
-                self.max_factor,
-                low=1,
-                high=math.inf,
-                low_open=True,
-                high_open=True,
-                hint="max_factor bounds each update's change, e.g. 2.",
-            ),
-        )
-        set_(
-            self,
-            "eps",
-            check(
-                "eps",
-                self.eps,
-                low=0,
-                high=1,
-                low_open=False,
-                high_open=True,
-                hint="eps is a relative tolerance, e.g. 1e-8.",
-            ),
-        )
-        set_(
-            self,
-            "nonfinite_shrink",
-            check(
-                "nonfinite_shrink",
-                self.nonfinite_shrink,
-                low=0,
-                high=1,
-                low_open=True,
-                high_open=True,
-                hint="nonfinite_shrink multiplies the rate after a NaN/inf, e.g. 0.1.",
-            ),
-        )
+
+
+# name -> (low, high, low end open, high end open, hint for the error message)
+_OPTION_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "gamma": (0, 1, True, False, "gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp."),
+    "smoothing": (0, 1, False, True, "smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9."),
+    "alpha_min": (0, math.inf, True, True, "alpha_min is the smallest learning rate allowed, e.g. 1e-10."),
+    "alpha_max": (0, math.inf, True, True, "alpha_max is the largest learning rate allowed, e.g. 1e4."),
+    "max_factor": (1, math.inf, True, True, "max_factor bounds each update's change, e.g. 2."),
+    "eps": (0, 1, False, True, "eps is a relative tolerance, e.g. 1e-8."),
+    "shrink": (0, 1, True, True, "shrink multiplies the rate after a NaN/inf or a loss spike, e.g. 0.1."),
+}
 
 
 DEFAULT_OPTIONS = RuleOptions()
@@ -206,8 +125,9 @@ def _invalid_inputs(alpha: float, *measured: float) -> bool:
     return not (all_finite(alpha, *measured) and alpha > 0.0)
 
 
-def _shrink(alpha: float, options: RuleOptions) -> Proposal:
-    return shrunk(alpha, options.nonfinite_shrink, alpha_min=options.alpha_min, alpha_max=options.alpha_max)
+def shrunk_rate(alpha: float, options: RuleOptions, decision: Decision = Decision.NONFINITE) -> Proposal:
+    """The rate after a fault: ``alpha * options.shrink``, clamped (``alpha_min`` if ``alpha`` is invalid)."""
+    return shrunk(alpha, options.shrink, alpha_min=options.alpha_min, alpha_max=options.alpha_max, decision=decision)
 
 
 def _keep(alpha: float, options: RuleOptions) -> Proposal:
@@ -220,16 +140,53 @@ def _bound(alpha: float, proposed: float, options: RuleOptions) -> Proposal:
     )
 
 
-def _damped_newton(alpha: float, d1: float, curvature: float, scale: float, options: RuleOptions) -> Proposal:
-    """``alpha * (1 + gamma * d1 / curvature)``, where ``curvature`` estimates ``alpha^2 w^T H w``.
+# Each rule reads one dimensionless ratio off the measured numbers (None when its curvature
+# denominator is not safely positive), and turns it into a line-minimiser estimate ("target"):
+# ``alpha * (1 + ratio)`` for the Newton rules, ``alpha * ratio`` for the parabola rules. The
+# rules move a fraction of the way there; scheduled_proposal reuses the same ratios.
+
+
+def _scale(d0: float, d1: float) -> float:
+    return abs(d0) + abs(d1)
+
+
+def _retsinas_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
+    # d0 - d1 ~ alpha^2 w^T H w: the curvature along the step, from the gradient difference
+    return guarded_ratio(d1, d0 - d1, _scale(d0, d1), eps)
+
+
+def _taylor_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
+    # f0 ~ f1 + d1 + alpha^2 w^T H w / 2 (second-order expansion around the lookahead point)
+    return guarded_ratio(d1, 2.0 * (f0 - f1 - d1), _scale(d0, d1), eps)
+
+
+def _gen_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
+    # the parabola through g(0) = f0, g'(0) = -d0 / alpha and g(alpha) = f1
+    return guarded_ratio(d0, 2.0 * (f1 - f0 + d0), _scale(d0, d1), eps)
+
+
+def _gen_slopes_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
+    # the parabola through the two slopes g'(0) = -d0 / alpha and g'(alpha) = -d1 / alpha
+    return guarded_ratio(d0, d0 - d1, _scale(d0, d1), eps)
+
+
+def _damped_newton(alpha: float, ratio: float | None, options: RuleOptions) -> Proposal:
+    """``alpha * (1 + gamma * ratio)``, with ``ratio = d1 / curvature`` and ``curvature ~ alpha^2 w^T H w``.
 
     This is the Newton iteration ``alpha - gamma * g'(alpha) / g''(alpha)`` written with the
     measured numbers: ``g'(alpha) = -d1 / alpha`` and ``g''(alpha) ~ curvature / alpha^2``.
     """
-    ratio = guarded_ratio(d1, curvature, scale, options.eps)
     if ratio is None:
         return _keep(alpha, options)
     return _bound(alpha, alpha * (1.0 + options.gamma * ratio), options)
+
+
+def _smoothed_parabola(alpha: float, ratio: float | None, options: RuleOptions) -> Proposal:
+    """``smoothing * alpha + (1 - smoothing) * alpha * ratio``: toward the parabola's minimiser."""
+    if ratio is None:
+        return _keep(alpha, options)
+    beta = options.smoothing
+    return _bound(alpha, beta * alpha + (1.0 - beta) * alpha * ratio, options)
 
 
 def retsinas(
@@ -246,8 +203,8 @@ def retsinas(
     used, which is why this rule also works without a closure.
     """
     if _invalid_inputs(alpha, f0, f1, d0, d1):
-        return _shrink(alpha, options)
-    return _damped_newton(alpha, d1, d0 - d1, abs(d0) + abs(d1), options)
+        return shrunk_rate(alpha, options)
+    return _damped_newton(alpha, _retsinas_ratio(f0, f1, d0, d1, options.eps), options)
 
 
 def taylor(
@@ -261,8 +218,8 @@ def taylor(
         alpha_next = alpha * (1 + gamma * d1 / (2 (f0 - f1 - d1)))
     """
     if _invalid_inputs(alpha, f0, f1, d0, d1):
-        return _shrink(alpha, options)
-    return _damped_newton(alpha, d1, 2.0 * (f0 - f1 - d1), abs(d0) + abs(d1), options)
+        return shrunk_rate(alpha, options)
+    return _damped_newton(alpha, _taylor_ratio(f0, f1, d0, d1, options.eps), options)
 
 
 def gen(alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
@@ -279,15 +236,104 @@ def gen(alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleO
     ``d1`` is not used, except in the scale of the guard.
     """
     if _invalid_inputs(alpha, f0, f1, d0, d1):
-        return _shrink(alpha, options)
-    ratio = guarded_ratio(d0, 2.0 * (f1 - f0 + d0), abs(d0) + abs(d1), options.eps)
-    if ratio is None:
-        return _keep(alpha, options)
-    beta = options.smoothing
-    return _bound(alpha, beta * alpha + (1.0 - beta) * alpha * ratio, options)
+        return shrunk_rate(alpha, options)
+    return _smoothed_parabola(alpha, _gen_ratio(f0, f1, d0, d1, options.eps), options)
+
+
+def gen_slopes(
+    alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
+    """GeN without loss values: the parabola's curvature from the gradient difference.
+
+    The form of ``gen`` that needs no closure (SPEC section 7): the parabola through the two
+    slopes ``g'(0) = -d0 / alpha`` and ``g'(alpha) = -d1 / alpha`` has its minimum at
+    ``delta = alpha * d0 / (d0 - d1)``, and the rate moves there with smoothing::
+
+        alpha_next = smoothing * alpha + (1 - smoothing) * alpha * d0 / (d0 - d1)
+
+    (which is ``retsinas`` with ``gamma = 1 - smoothing``). ``f0`` and ``f1`` are not used, not
+    even checked: in closure-free mode they are not measured.
+    """
+    if _invalid_inputs(alpha, d0, d1):
+        return shrunk_rate(alpha, options)
+    return _smoothed_parabola(alpha, _gen_slopes_ratio(f0, f1, d0, d1, options.eps), options)
 
 
 STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "taylor": taylor, "gen": gen}
+
+LOSS_FREE_STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "gen": gen_slopes}
+"""The rules usable without loss values (closure-free mode, per-group rates), by strategy name.
+``retsinas`` never reads ``f0``/``f1``; ``gen`` becomes :func:`gen_slopes`."""
+
+
+# rule -> (its ratio, whether the ratio is a Newton increment or a parabola minimiser)
+_RATIOS = {
+    retsinas: (_retsinas_ratio, True),
+    taylor: (_taylor_ratio, True),
+    gen: (_gen_ratio, False),
+    gen_slopes: (_gen_slopes_ratio, False),
+}
+
+
+def scheduled_proposal(
+    rule: Rule, adapted: float, used: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions
+) -> Proposal:
+    """Adapt a rate that a scheduler multiplies: the step used ``used = m * adapted``.
+
+    Every built-in rule moves the rate a fraction ``w`` (``gamma``, or ``1 - smoothing``) of the
+    way to its estimate of the line minimiser, ``target``, which it reads off the step actually
+    taken. With a scheduler multiplier ``m``, the step taken had size ``used``; the target comes
+    from that step, and the adapted (unscheduled) rate moves toward it::
+
+        adapted_next = adapted + w * (target - adapted)
+
+    so that the rate used next, ``m' * adapted_next``, is the scheduler's factor times the rate
+    ``Newt`` finds. With ``used == adapted`` this is the rule itself, up to rounding. The guards
+    keep their meaning: a non-convex measurement keeps ``adapted``, a non-finite one shrinks it,
+    and the factor and rate clamps apply to ``adapted``.
+    """
+    ratio_of, newton = _RATIOS[rule]
+    measured = (f0, f1, d0, d1) if rule is not gen_slopes else (d0, d1)
+    if _invalid_inputs(adapted, *measured) or not (math.isfinite(used) and used > 0.0):
+        return shrunk_rate(adapted, options)
+    ratio = ratio_of(f0, f1, d0, d1, options.eps)
+    if ratio is None:
+        return _keep(adapted, options)
+    target = used * (1.0 + ratio) if newton else used * ratio
+    weight = options.gamma if newton else 1.0 - options.smoothing
+    # the convex-combination form, not adapted + w (target - adapted): with w = 1 it returns
+    # target exactly, where the other form cancels adapted against itself
+    return _bound(adapted, (1.0 - weight) * adapted + weight * target, options)
+
+
+def grown_rate(alpha: float, options: RuleOptions) -> Proposal:
+    """The rate after a step that vanished: ``alpha * options.max_factor``, clamped.
+
+    A step ``d = alpha * w`` can round to exactly zero in every parameter while ``w`` is not
+    zero (``alpha`` far below the parameters' relative precision). Then ``D0 = D1 = 0`` and the
+    rules, which see a zero direction, would keep ``alpha`` forever. ``Newt`` tells the two
+    cases apart by the gradient and, when it is not zero, grows the rate instead.
+    """
+    if not (math.isfinite(alpha) and alpha > 0.0):
+        return Proposal(options.alpha_min, Decision.NONFINITE)
+    return Proposal(clamp_alpha(alpha * options.max_factor, options.alpha_min, options.alpha_max), Decision.VANISHED)
+
+
+def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:
+    """The loss-spike policy that ``Newt`` applies before any rule.
+
+    A step whose lookahead loss rose by more than ``threshold * |f0|`` above the loss it
+    started from (``threshold=1``: the loss more than doubled on the same batch) overshot the
+    line far beyond its minimum. The Newton rules read such a step as "not convex" and would
+    keep the rate; instead it shrinks by ``options.shrink`` (decision ``"spike"``). Returns
+    None when there is no spike (or when a value is not finite: that is the rules' case).
+
+    The test is scale-free: multiplying the loss by ``c > 0`` never changes it. ``threshold``
+    may be ``math.inf``, which turns the policy off.
+    """
+    if not (all_finite(f0, f1) and f1 - f0 > threshold * abs(f0)):
+        return None
+    return shrunk_rate(alpha, options, Decision.SPIKE)
 
 
 def guard_custom_rule(rule: Callable[..., object]) -> Rule:
@@ -311,7 +357,7 @@ def guard_custom_rule(rule: Callable[..., object]) -> Rule:
                 "must return a float, an (alpha, decision) pair or a newt.rules.Proposal."
             )
         if _invalid_inputs(alpha) or not math.isfinite(result):
-            return _shrink(alpha, options)
+            return shrunk_rate(alpha, options)
         proposal = _bound(alpha, float(result), options)
         if decision is not None and proposal.decision is Decision.NEWTON:
             return Proposal(proposal.alpha, Decision(decision))

@@ -19,7 +19,9 @@ Hypothesis profiles (``dev``, ``ci``) live in ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import pytest
@@ -33,8 +35,13 @@ from newt.rules import (
     Proposal,
     RuleOptions,
     gen,
+    gen_slopes,
+    grown_rate,
     guard_custom_rule,
     retsinas,
+    scheduled_proposal,
+    shrunk_rate,
+    spike_guard,
     taylor,
 )
 
@@ -60,7 +67,7 @@ def hand(**overrides) -> RuleOptions:
     A change of defaults must not silently turn a hand-computed example into a clamped one.
     """
     fields = dict(gamma=0.5, smoothing=0.9, alpha_min=1e-10, alpha_max=1e4, max_factor=10.0, eps=1e-8)
-    fields["nonfinite_shrink"] = 0.1
+    fields["shrink"] = 0.1
     fields.update(overrides)
     return RuleOptions(**fields)
 
@@ -119,12 +126,16 @@ SPECIAL_FLOATS = [
     1.7976931348623157e308,  # largest finite
     -1.7976931348623157e308,
 ]
+# Signed magnitudes spread evenly over the decades 1e-30 ... 1e30 (st.floats() alone mostly
+# draws either tiny or huge exponents).
+decades = st.builds(lambda e, sign: sign * 10.0**e, st.floats(-30.0, 30.0), st.sampled_from([1.0, -1.0]))
 # Anything a float can be: NaN, infinities, signed zeros, subnormals, 1e-300..1e308.
-any_float = st.one_of(st.sampled_from(SPECIAL_FLOATS), st.floats(), st.floats(-1e3, 1e3))
+any_float = st.one_of(st.sampled_from(SPECIAL_FLOATS), st.floats(), st.floats(-1e3, 1e3), decades)
 any_finite = st.one_of(
     st.sampled_from([v for v in SPECIAL_FLOATS if math.isfinite(v)]),
     st.floats(allow_nan=False, allow_infinity=False),
     st.floats(-1e3, 1e3),
+    decades,
 )
 moderate = st.floats(-1e3, 1e3)
 
@@ -146,7 +157,7 @@ def rule_options(draw, **fixed) -> RuleOptions:
         max_factor=pick("max_factor", st.floats(-6.0, 300.0).map(lambda e: 1.0 + 10.0**e)),
         # eps: none, realistic, or large enough that the guard band is hit often
         eps=pick("eps", st.one_of(st.just(0.0), log_uniform(1e-16, 1e-4), st.floats(0.01, 0.99))),
-        nonfinite_shrink=pick("nonfinite_shrink", st.floats(0.0, 1.0, exclude_min=True, exclude_max=True)),
+        shrink=pick("shrink", st.floats(0.0, 1.0, exclude_min=True, exclude_max=True)),
     )
 
 
@@ -360,9 +371,9 @@ def test_every_rule_returns_a_finite_rate_inside_the_bounds_for_any_input(alpha,
 @given(pair=options_and_alpha(), measured=nonfinite_measurements())
 @example(pair=(DEFAULT_OPTIONS, 0.1), measured=(math.nan, 1.0, 1.0, 1.0))
 @example(pair=(DEFAULT_OPTIONS, 1e-10), measured=(1.0, math.inf, 1.0, 1.0))  # shrink hits alpha_min
-def test_a_nonfinite_measurement_shrinks_alpha_by_nonfinite_shrink(pair, measured):
+def test_a_nonfinite_measurement_shrinks_alpha_by_shrink(pair, measured):
     options, alpha = pair
-    expected = (clamp(alpha * options.nonfinite_shrink, options), Decision.NONFINITE)
+    expected = (clamp(alpha * options.shrink, options), Decision.NONFINITE)
     for rule in ALL_RULES:
         assert rule(alpha, *measured, options) == expected, rule.__name__
 
@@ -397,12 +408,14 @@ def test_one_update_changes_alpha_by_at_most_max_factor(pair, f0, f1, d0, d1):
 
 @given(pair=options_and_alpha(), f0=moderate, f1=moderate, d0=moderate, d1=moderate)
 @example(pair=(RuleOptions(eps=0.4), 0.1), f0=0.0, f1=0.0, d0=1.0, d1=0.5)  # retsinas: 0 < 0.5 <= 0.6
+@example(pair=(RuleOptions(eps=0.0), 1.0), f0=0.0, f1=1.0, d0=0.0, d1=0.0)  # zero direction, eps=0
 def test_each_rule_applies_the_spec_formula_when_safely_convex_and_keeps_alpha_otherwise(pair, f0, f1, d0, d1):
     options, alpha = pair
     for rule in ALL_RULES:
         out = rule(alpha, f0, f1, d0, d1, options)
         den = DENOMINATOR[rule](f0, f1, d0, d1)
-        if den > options.eps * (abs(d0) + abs(d1)):
+        scale = abs(d0) + abs(d1)  # zero: a zero direction, which never counts as convex
+        if scale > 0.0 and den > options.eps * scale:
             assert out.decision in (Decision.NEWTON, Decision.CLAMPED), rule.__name__
             if out.decision is Decision.NEWTON:
                 expected = spec_formula(rule, alpha, f0, f1, d0, d1, options)
@@ -657,7 +670,7 @@ MEASURED = (1.0, 0.5, 1.0, 0.1)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_custom_rule_returning_a_nonfinite_rate_shrinks_alpha(value):
     out = guard_custom_rule(_returning(value))(0.1, *MEASURED, hand())
-    assert out == (clamp(0.1 * hand().nonfinite_shrink, hand()), Decision.NONFINITE)
+    assert out == (clamp(0.1 * hand().shrink, hand()), Decision.NONFINITE)
 
 
 @pytest.mark.parametrize(("value", "expected"), [(1e300, 1.0), (-1e300, 0.01), (0.0, 0.01)])
@@ -727,7 +740,7 @@ def test_guarded_custom_rule_applies_the_factor_clamp(pair, value):
 # RuleOptions validation
 # --------------------------------------------------------------------------------------------
 
-FIELDS = ["gamma", "smoothing", "alpha_min", "alpha_max", "max_factor", "eps", "nonfinite_shrink"]
+FIELDS = ["gamma", "smoothing", "alpha_min", "alpha_max", "max_factor", "eps", "shrink"]
 
 OUT_OF_RANGE = [
     ("gamma", 0.0),
@@ -752,10 +765,10 @@ OUT_OF_RANGE = [
     ("eps", -1e-12),
     ("eps", 1.0),
     ("eps", math.nan),
-    ("nonfinite_shrink", 0.0),
-    ("nonfinite_shrink", 1.0),
-    ("nonfinite_shrink", -0.1),
-    ("nonfinite_shrink", math.nan),
+    ("shrink", 0.0),
+    ("shrink", 1.0),
+    ("shrink", -0.1),
+    ("shrink", math.nan),
 ]
 
 
@@ -788,3 +801,192 @@ def test_rule_options_normalise_integers_to_floats():
     options = RuleOptions(gamma=1, smoothing=0, alpha_min=1, alpha_max=100, max_factor=3, eps=0)
     for field in ["gamma", "smoothing", "alpha_min", "alpha_max", "max_factor", "eps"]:
         assert type(getattr(options, field)) is float, field
+
+
+# --------------------------------------------------------------------------------------------
+# The loss-spike policy (applied by Newt before any rule)
+# --------------------------------------------------------------------------------------------
+
+thresholds = st.one_of(st.just(math.inf), log_uniform(1e-3, 1e3))
+
+
+@given(alpha=any_float, f0=any_float, f1=any_float, threshold=thresholds, options=rule_options())
+@example(alpha=0.1, f0=0.0, f1=5e-324, threshold=1.0, options=DEFAULT_OPTIONS)  # any rise above a zero loss
+@example(alpha=0.1, f0=-1e308, f1=1.7976931348623157e308, threshold=1.0, options=DEFAULT_OPTIONS)  # rise overflows
+@example(alpha=math.nan, f0=1.0, f1=10.0, threshold=1.0, options=DEFAULT_OPTIONS)
+def test_spike_guard_fires_exactly_on_a_finite_rise_above_threshold_and_returns_a_bounded_rate(
+    alpha, f0, f1, threshold, options
+):
+    out = spike_guard(alpha, f0, f1, threshold, options)
+    rises = False
+    if math.isfinite(f0) and math.isfinite(f1) and math.isfinite(threshold):
+        # Exact arithmetic (no rounding, no overflow); a rise within rounding of the threshold
+        # may go either way in floating point, so those inputs are skipped.
+        rise, bound = Fraction(f1) - Fraction(f0), Fraction(threshold) * abs(Fraction(f0))
+        assume(abs(rise - bound) > Fraction(1, 10**9) * (abs(Fraction(f1)) + abs(Fraction(f0))) or rise == bound)
+        rises = rise > bound
+    if not rises:
+        assert out is None
+        return
+    assert out is not None and out.decision is Decision.SPIKE
+    assert out == shrunk_rate(alpha, options, Decision.SPIKE)
+    assert math.isfinite(out.alpha) and options.alpha_min <= out.alpha <= options.alpha_max
+    if math.isfinite(alpha) and alpha > 0:
+        assert out.alpha == clamp(alpha * options.shrink, options)
+
+
+@given(pair=options_and_alpha(), q=quadratic_lines(), threshold=log_uniform(1e-3, 1e3))
+def test_spike_guard_never_fires_when_the_step_does_not_overshoot_past_twice_the_line_minimiser(pair, q, threshold):
+    # On a convex line, g(alpha) <= g(0) exactly when alpha <= 2 b / h: no rise, no spike.
+    options, _ = pair
+    assume(q.alpha <= 2.0 * q.minimiser * (1 - 1e-9))
+    f0, f1, _, _ = q.measurements()
+    assume(f1 <= f0)  # rounding of the measured values
+    assert spike_guard(q.alpha, f0, f1, threshold, options) is None
+
+
+@given(
+    pair=options_and_alpha(),
+    f0=exactly_scalable,
+    f1=exactly_scalable,
+    k=st.integers(-60, 60),
+    threshold=st.sampled_from([0.5, 1.0, 2.0, math.inf]),
+)
+def test_spike_guard_is_invariant_to_scaling_the_loss_by_a_power_of_two(pair, f0, f1, k, threshold):
+    options, alpha = pair
+    c = 2.0**k
+    assert spike_guard(alpha, c * f0, c * f1, threshold, options) == spike_guard(alpha, f0, f1, threshold, options)
+
+
+def test_spike_guard_hand_examples():
+    options = hand(shrink=0.25)
+    assert spike_guard(0.4, 2.0, 4.0, 1.0, options) is None  # rise 2 == 1 * |2|: not strictly above
+    assert spike_guard(0.4, 2.0, 4.5, 1.0, options) == (0.1, Decision.SPIKE)
+    assert spike_guard(0.4, -2.0, 0.5, 1.0, options) == (0.1, Decision.SPIKE)  # negative losses: |f0|
+    assert spike_guard(0.4, 2.0, 1e300, math.inf, options) is None  # threshold inf: policy off
+    assert spike_guard(0.4, 2.0, math.nan, 1.0, options) is None  # non-finite: the rules' case
+
+
+@given(alpha=any_float, options=rule_options())
+def test_grown_rate_multiplies_by_max_factor_inside_the_bounds(alpha, options):
+    out = grown_rate(alpha, options)
+    assert math.isfinite(out.alpha) and options.alpha_min <= out.alpha <= options.alpha_max
+    if math.isfinite(alpha) and alpha > 0:
+        assert out == (clamp(alpha * options.max_factor, options), Decision.VANISHED)
+    else:
+        assert out == (options.alpha_min, Decision.NONFINITE)
+
+
+# --------------------------------------------------------------------------------------------
+# gen_slopes (closure-free GeN) and scheduled_proposal (a scheduler multiplying the rate)
+# --------------------------------------------------------------------------------------------
+
+
+@given(quadratic_lines())
+def test_gen_slopes_undamped_is_exact_on_a_quadratic_line(q):
+    options = undamped_wide()
+    _, _, d0, d1 = q.measurements()
+    # the loss values are not measured in closure-free mode: gen_slopes must not need them
+    out = gen_slopes(q.alpha, math.nan, math.nan, d0, d1, options)
+    assert out.decision is Decision.NEWTON
+    assert out.alpha == pytest.approx(q.minimiser, rel=1e-9)
+
+
+# The independent textbook ratios (parabola minimiser / alpha for gen and gen_slopes, Newton
+# increment for retsinas and taylor); used only to size rounding tolerances below.
+TEXTBOOK_RATIO = {
+    retsinas: lambda f0, f1, d0, d1: d1 / (d0 - d1),
+    taylor: lambda f0, f1, d0, d1: d1 / (2.0 * (f0 - f1 - d1)),
+    gen: lambda f0, f1, d0, d1: d0 / (2.0 * (f1 - f0 + d0)),
+    gen_slopes: lambda f0, f1, d0, d1: d0 / (d0 - d1),
+}
+
+
+def rounding_tolerance(rule, alpha, f0, f1, d0, d1, weight) -> float:
+    """Absolute slack for comparing two float64 evaluations of ``alpha (1 + w r)``-like formulas.
+
+    Both sides add terms of size ``alpha`` and ``alpha * w * r``; when they nearly cancel (the
+    rate drops far below ``alpha``) the result keeps only the absolute accuracy of those terms,
+    a few ulps of ``alpha * (1 + |w r|)``, however small it is relative to the result.
+    """
+    with contextlib.suppress(ZeroDivisionError):
+        ratio = TEXTBOOK_RATIO[rule](f0, f1, d0, d1)
+        if math.isfinite(ratio):
+            return 1e-12 * alpha * (1.0 + abs(weight * ratio))
+    return 0.0  # a zero or overflowing denominator: both sides keep or clamp, exactly
+
+
+@given(pair=options_and_alpha(), d0=any_finite, d1=any_finite)
+@example(  # found by CI: 1 - smoothing rounds to 1 and the rate falls 42 decades below alpha
+    pair=(RuleOptions(1.0, 9.105235990130311e-43, 1.0, 1e43, 1e43, 0.0, 0.5), 1e43), d0=0.0, d1=-1.0
+)
+def test_gen_slopes_is_retsinas_with_gamma_one_minus_smoothing(pair, d0, d1):
+    options, alpha = pair
+    assume(options.smoothing < 1.0 - 1e-12)
+    as_retsinas = RuleOptions(**{**options.__dict__, "gamma": 1.0 - options.smoothing})
+    got, expected = gen_slopes(alpha, 0.0, 0.0, d0, d1, options), retsinas(alpha, 0.0, 0.0, d0, d1, as_retsinas)
+    slack = rounding_tolerance(gen_slopes, alpha, 0.0, 0.0, d0, d1, 1.0 - options.smoothing)
+    assert got.alpha == pytest.approx(expected.alpha, rel=1e-9, abs=slack)
+    if got.decision != expected.decision:  # rounding decides whether a value at a clamp is clamped
+        assert {got.decision, expected.decision} == {Decision.NEWTON, Decision.CLAMPED}
+
+
+@given(alpha=any_float, d0=any_float, d1=any_float, options=rule_options())
+def test_gen_slopes_returns_a_finite_rate_inside_the_bounds_for_any_input(alpha, d0, d1, options):
+    out = gen_slopes(alpha, math.nan, math.inf, d0, d1, options)
+    assert math.isfinite(out.alpha) and options.alpha_min <= out.alpha <= options.alpha_max
+    invalid = not (all(math.isfinite(v) for v in (alpha, d0, d1)) and alpha > 0)
+    assert (out.decision is Decision.NONFINITE) == invalid
+
+
+SCHEDULED_RULES = [retsinas, taylor, gen, gen_slopes]
+
+
+@pytest.mark.parametrize("rule", SCHEDULED_RULES, ids=_rule_id)
+@given(q=quadratic_lines(), factor=log_uniform(1e-3, 1e3))
+def test_scheduled_proposal_undamped_sets_the_adapted_rate_to_the_line_minimiser(rule, q, factor):
+    # The step used q.alpha = factor * adapted; the undamped adapted rate is the minimiser.
+    options = undamped_wide()
+    adapted = q.alpha / factor
+    out = scheduled_proposal(rule, adapted, q.alpha, *q.measurements(), options)
+    assert out.decision in (Decision.NEWTON, Decision.CLAMPED)
+    assert out.alpha == pytest.approx(clamp(q.minimiser, options), rel=1e-9)
+
+
+@pytest.mark.parametrize("rule", SCHEDULED_RULES, ids=_rule_id)
+@given(q=quadratic_lines(), factor=log_uniform(1e-2, 1e2), weight=st.floats(0.05, 1.0))
+def test_scheduled_proposal_moves_the_adapted_rate_a_fraction_of_the_way(rule, q, factor, weight):
+    options = RuleOptions(gamma=weight, smoothing=1.0 - weight, **WIDE)
+    adapted = q.alpha / factor
+    out = scheduled_proposal(rule, adapted, q.alpha, *q.measurements(), options)
+    expected = adapted + weight * (q.minimiser - adapted)
+    assert out.alpha == pytest.approx(expected, rel=1e-8, abs=1e-12 * adapted)
+
+
+@pytest.mark.parametrize("rule", SCHEDULED_RULES, ids=_rule_id)
+@given(pair=options_and_alpha(), f0=moderate, f1=moderate, d0=moderate, d1=moderate)
+@example(  # found by CI: the target is 16 decades below alpha (alpha + (target - alpha) gave 2.0)
+    pair=(RuleOptions(1.0, 0.0, 1.0, 1e16, 1e16, 0.0, 0.5), 1e16), f0=0.0, f1=1.0, d0=2.220446049250313e-16, d1=0.0
+)
+def test_scheduled_proposal_without_a_multiplier_is_the_rule_itself(rule, pair, f0, f1, d0, d1):
+    options, alpha = pair
+    got = scheduled_proposal(rule, alpha, alpha, f0, f1, d0, d1, options)
+    expected = rule(alpha, f0, f1, d0, d1, options)
+    weight = options.gamma if rule in (retsinas, taylor) else 1.0 - options.smoothing
+    slack = rounding_tolerance(rule, alpha, f0, f1, d0, d1, weight)
+    assert got.alpha == pytest.approx(expected.alpha, rel=1e-9, abs=slack)
+    # (1 - w) alpha + w target and the rule's own arithmetic round differently, which can
+    # decide whether a value exactly at a clamp counts as clamped; only then may they differ.
+    if got.decision != expected.decision:
+        assert {got.decision, expected.decision} == {Decision.NEWTON, Decision.CLAMPED}
+
+
+@pytest.mark.parametrize("rule", SCHEDULED_RULES, ids=_rule_id)
+@given(
+    adapted=any_float, used=any_float, f0=any_float, f1=any_float, d0=any_float, d1=any_float, options=rule_options()
+)
+def test_scheduled_proposal_returns_a_finite_rate_inside_the_bounds_for_any_input(
+    rule, adapted, used, f0, f1, d0, d1, options
+):
+    out = scheduled_proposal(rule, adapted, used, f0, f1, d0, d1, options)
+    assert math.isfinite(out.alpha) and options.alpha_min <= out.alpha <= options.alpha_max
