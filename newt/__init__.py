@@ -6,18 +6,20 @@ steps.
 """
 
 from newt._numerics import Decision, Proposal
-from newt.optimizer import Newt, StepInfo
-from newt.rules import DEFAULT_OPTIONS, STRATEGIES, RuleOptions, gen, retsinas, taylor
+from newt.optimizer import GroupStepInfo, Newt, StepInfo
+from newt.rules import DEFAULT_OPTIONS, STRATEGIES, RuleOptions, gen, gen_slopes, retsinas, taylor
 
 __all__ = [
     "DEFAULT_OPTIONS",
     "STRATEGIES",
     "Decision",
+    "GroupStepInfo",
     "Newt",
     "Proposal",
     "RuleOptions",
     "StepInfo",
     "gen",
+    "gen_slopes",
     "retsinas",
     "taylor",
 ]

@@ -46,12 +46,17 @@ def frozen_module_buffers() -> Iterator[None]:
     saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
 
     def remember(module: nn.Module, args: object) -> None:
-        if id(module) in saved:  # a module called twice: its state before the first call counts
+        if id(module) in saved:  # saved with its whole subtree: nothing new below it
             return
-        saved[id(module)] = (
-            module,
-            [(name, buf, buf.detach().clone()) for name, buf in module._buffers.items() if buf is not None],
-        )
+        # The whole subtree, not just the module called: inside a torch.compile'd graph the
+        # submodules' own forward hooks never fire, only the outermost module's does.
+        for sub in module.modules():
+            if id(sub) in saved:  # a module called twice: its state before the first call counts
+                continue
+            saved[id(sub)] = (
+                sub,
+                [(name, buf, buf.detach().clone()) for name, buf in sub._buffers.items() if buf is not None],
+            )
 
     handle = nn.modules.module.register_module_forward_pre_hook(remember)
     try:

@@ -14,6 +14,7 @@ the optimizer syncs once per step, for all its scalars together.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -50,6 +51,38 @@ def copy_(destination: Tensors, source: Tensors, *, foreach: bool = True) -> Non
             dst.copy_(src)
 
 
+def _inf_norms(tensors: Tensors, foreach: bool) -> list[torch.Tensor]:
+    """The infinity norm (max of absolute values) of each non-empty tensor.
+
+    A max cannot overflow the way a sum of squares does on large finite values, and it is NaN
+    when any element is. Empty tensors are skipped: their max has no identity, torch raises.
+    """
+    nonempty = [t for t in tensors if t.numel() > 0]
+    if not nonempty:
+        return []
+    if foreach:
+        return list(torch._foreach_norm(nonempty, math.inf))
+    return [torch.linalg.vector_norm(t, math.inf) for t in nonempty]
+
+
+def all_finite(tensors: Tensors, *, foreach: bool = True) -> torch.Tensor:
+    """A boolean scalar tensor on the first tensor's device: no element is NaN or infinite."""
+    norms = _inf_norms(tensors, foreach)
+    if not norms:
+        return torch.tensor(True, device=tensors[0].device if len(tensors) else None)
+    device = norms[0].device
+    return torch.stack([n.isfinite().to(device) for n in norms]).all()
+
+
+def any_nonzero(tensors: Tensors, *, foreach: bool = True) -> bool:
+    """True when some element of ``tensors`` is not zero (NaN counts as not zero). Syncs once."""
+    norms = _inf_norms(tensors, foreach)
+    if not norms:
+        return False
+    device = norms[0].device
+    return bool(torch.stack([(n != 0).to(device) for n in norms]).any())
+
+
 def _as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -79,7 +112,7 @@ def step_dot(grads: Tensors, snapshot: Tensors, params: Tensors, *, foreach: boo
         return torch.zeros((), dtype=torch.float64, device=device)
     result_device = triples[0][2].device
     if not foreach:
-        parts = [_dot(g.to(s.dtype), s - p) for g, s, p in triples]
+        parts = [_dot(g.to(s.dtype), _widened(s) - _widened(p)) for g, s, p in triples]
         return torch.stack([x.to(result_device) for x in parts]).sum()
 
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
@@ -92,15 +125,19 @@ def step_dot(grads: Tensors, snapshot: Tensors, params: Tensors, *, foreach: boo
             g = [triples[i][0] for i in bucket]
             s = [triples[i][1] for i in bucket]
             p = [triples[i][2] for i in bucket]
-            deltas = torch._foreach_sub(s, p)
             wide = _ACCUMULATE.get(dtype)
-            if wide is not None:
-                deltas = [x.to(wide) for x in deltas]
-                g = [x.to(wide) for x in g]
+            if wide is not None:  # upcast before subtracting: the step of bf16 weights is not bf16
+                s, p, g = [x.to(wide) for x in s], [x.to(wide) for x in p], [x.to(wide) for x in g]
+            deltas = torch._foreach_sub(s, p)
             g = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(g, deltas)]
             partial_sums.append(_foreach_dot(g, deltas).to(result_device))
             del deltas
     return torch.stack(partial_sums).sum()
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    wide = _ACCUMULATE.get(t.dtype)
+    return t if wide is None else t.to(wide)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,51 @@ import torch
 
 from newt import _kernels
 from newt._isolation import RngState, cuda_devices, frozen_module_buffers, replayed_rng
-from newt.rules import DEFAULT_OPTIONS, STRATEGIES, Decision, Rule, RuleOptions, guard_custom_rule
+from newt._numerics import all_finite, check_real, clamp_alpha
+from newt._rates import Rates
+from newt.distributed import agree_all, agree_any, local_tensor, reduce_measurements, sharded
+from newt.rules import (
+    DEFAULT_OPTIONS,
+    LOSS_FREE_STRATEGIES,
+    STRATEGIES,
+    Decision,
+    Proposal,
+    Rule,
+    RuleOptions,
+    gen_slopes,
+    grown_rate,
+    guard_custom_rule,
+    scheduled_proposal,
+    shrunk_rate,
+    spike_guard,
+)
 
 Closure = Callable[[], torch.Tensor | float]
 
-__all__ = ["Newt", "StepInfo"]
+__all__ = ["GroupStepInfo", "Newt", "StepInfo"]
+
+BUILTIN_RULES = (*STRATEGIES.values(), gen_slopes)
+
+
+@dataclass(frozen=True)
+class GroupStepInfo:
+    """What one step measured and decided for one param group (``per_group=True`` only).
+
+    Attributes:
+        index: The param group's index in ``param_groups``.
+        d0: ``<grad L(theta_t), d_t>`` over the group's parameters.
+        d1: ``<grad L(theta_{t+1}), d_t>`` over the group's parameters.
+        alpha: The group's rate for the step.
+        alpha_next: The group's rate for the next step.
+        decision: Why the group's rule chose ``alpha_next``.
+    """
+
+    index: int
+    d0: float
+    d1: float
+    alpha: float
+    alpha_next: float
+    decision: Decision
 
 
 @dataclass(frozen=True)
@@ -24,13 +64,22 @@ class StepInfo:
     """What one ``Newt.step`` measured and decided, for logging.
 
     Attributes:
-        f0: Loss at the start of the step, ``L(theta_t)``.
-        f1: Loss at the lookahead point ``theta_{t+1}``, same batch.
-        d0: ``<grad L(theta_t), d_t>`` with the step ``d_t = theta_t - theta_{t+1}``.
-        d1: ``<grad L(theta_{t+1}), d_t>``.
-        alpha: The rate the step used (the largest group's learning rate).
-        alpha_next: The rate the next step will use.
-        decision: Why the rule chose ``alpha_next`` (a :class:`newt.Decision`, a ``str``).
+        f0: Loss at the start of the step, ``L(theta_t)`` (NaN in closure-free mode).
+        f1: Loss at the lookahead point ``theta_{t+1}``, same batch (NaN when not measured).
+        d0: ``<grad L(theta_t), d_t>`` with the step ``d_t = theta_t - theta_{t+1}``. In
+            closure-free mode, the sum over the block of steps that was just evaluated.
+        d1: ``<grad L(theta_{t+1}), d_t>`` (closure-free mode: with the next batch's gradient).
+        alpha: The rate the step used (the largest group's learning rate). In closure-free
+            mode: the rate of the steps just measured (the previous step, or block).
+        alpha_next: The rate the next step will use. In closure-free mode the rate is adapted
+            at the start of ``step()``, so this step's own inner step already used it.
+        decision: Why the rule chose ``alpha_next`` (a :class:`newt.Decision`, a ``str``);
+            ``"plain"`` when the step did not adapt the rate (lazy updates, closure-free blocks).
+        rejected: True when the step was undone: the parameters are back at ``theta_t`` (see
+            ``reject_spikes`` and ``reject_nonfinite``). When the step was rejected before the
+            inner step ran (a non-finite loss or gradient at ``theta_t``), ``f1``, ``d0`` and
+            ``d1`` are NaN: they were never measured.
+        groups: With ``per_group=True``, one :class:`GroupStepInfo` per adapted group; else None.
     """
 
     f0: float
@@ -40,6 +89,22 @@ class StepInfo:
     alpha: float
     alpha_next: float
     decision: Decision
+    rejected: bool = False
+    groups: tuple[GroupStepInfo, ...] | None = None
+
+
+@dataclass
+class _Pending:
+    """Closure-free mode: the last step's ``<g, d>``, waiting for the next step's gradient.
+
+    The snapshot buffer holds ``theta_{t-1}`` meanwhile, so ``d_{t-1} = snapshot - theta_t``.
+    """
+
+    indices: tuple[int, ...]  # which parameters (flat positions across the groups) moved
+    d0: torch.Tensor  # one entry per rate unit (one, or one per group)
+    block_d0: torch.Tensor | None = None  # sums over the current block of update_every steps
+    block_d1: torch.Tensor | None = None
+    count: int = 0
 
 
 class Newt(torch.optim.Optimizer):
@@ -49,7 +114,9 @@ class Newt(torch.optim.Optimizer):
     one step with the current rate (landing on the lookahead point ``theta_{t+1}``), evaluates
     the closure again there on the same batch, and feeds the four measured numbers (see
     :class:`StepInfo`) to the update rule. Afterwards every param group's ``"lr"`` holds the
-    rate the next step will use.
+    rate the next step will use. ``step()`` without a closure, after your own ``backward()``, is
+    the closure-free mode: the next step's gradient stands in for the lookahead's (``retsinas``
+    and ``gen`` only).
 
     ``param_groups`` and ``state`` are the inner optimizer's own objects, so schedulers,
     loggers and checkpoints see the usual structure.
@@ -65,12 +132,48 @@ class Newt(torch.optim.Optimizer):
         alpha_max: Largest rate, > ``alpha_min``.
         max_factor: Each update changes the rate by a factor in ``[1/max_factor, max_factor]``.
         eps: Relative guard of the rules' divisions, >= 0.
-        nonfinite_shrink: Factor in (0, 1) applied to the rate when a measured number is NaN or
-            infinite.
+        shrink: Factor in (0, 1) applied to the rate when a measured number is NaN or
+            infinite, or after a loss spike.
+        spike_threshold: A step is a loss spike when the lookahead loss exceeds the starting
+            loss by more than ``spike_threshold * |f0|`` (default 0.5: the loss grew by half on
+            the same batch); the rate then shrinks by ``shrink`` whatever the strategy says.
+            In (0, inf]; ``math.inf`` turns the policy off.
+        reject_spikes: Undo a loss-spike step: put the parameters back at ``theta_t`` (bit for
+            bit, from the snapshot buffer), so the next step retries from there with the
+            smaller rate.
+        reject_nonfinite: Undo a step whose loss or gradients are NaN or infinite, so no
+            non-finite number reaches the parameters. A non-finite loss or gradient at
+            ``theta_t`` is caught before the inner step (which then does not run, so its state
+            is untouched); one at the lookahead point undoes the inner step's move. This costs
+            one extra host synchronisation per step, before the inner step.
+        update_every: Adapt the rate every ``update_every`` steps only (lazy updates). With a
+            closure, the other steps are plain inner steps with a single closure call (cost
+            ``1 + 1/update_every`` passes per step). Without a closure, the rate is adapted from
+            the sums of the measurements over each block of ``update_every`` steps, which
+            averages out mini-batch noise (Retsinas et al.).
+        per_group: Adapt each param group's rate from its own ``d0``/``d1`` sums, instead of one
+            global rate that keeps the groups' ratios. Needs a rule that does not use loss
+            values: ``"retsinas"`` or ``"gen"`` (which then fits its parabola to the slopes).
+        grad_scaler: The ``torch.amp.GradScaler`` of an fp16 training loop, whose own ``step``
+            refuses closures. The closure backpropagates ``scaler.scale(loss)`` and returns the
+            unscaled loss; Newt unscales the gradients (``scaler.unscale_``) before the inner
+            step, skips the step on an overflow (keeping the rate: that is the scaler's
+            business), and divides the lookahead's measurement by the scale. Call
+            ``scaler.update()`` after ``opt.step(closure)``, as usual; never ``scaler.step``.
+        process_group: The ``torch.distributed`` group whose ranks must agree on the rate
+            (default: the whole world, when a process group is initialised). The losses are
+            averaged across ranks and the dot products averaged (DDP) or summed (sharded FSDP2
+            parameters), in one ``all_reduce`` per step (see :mod:`newt.distributed`).
         foreach: Use the multi-tensor ``torch._foreach_*`` kernels (default) or a per-tensor loop.
 
-    With several param groups, one global rate keeps the ratios between the groups' learning
-    rates: the rule adapts the largest one and every group is scaled by the same factor.
+    A rejected step still advanced the inner optimizer's state (moments, step count) by one step
+    with the finite gradient of ``theta_t``, as if the step had been taken with a very small
+    rate; it is counted in ``StepInfo.rejected`` and in ``state_dict()["newt"]["rejected"]``.
+
+    With several param groups and ``per_group=False``, one global rate keeps the ratios between
+    the groups' learning rates: the rule adapts the largest one and every group is scaled by the
+    same factor. A change to ``group["lr"]`` between steps (an ``lr_scheduler``) is read as a
+    multiplier on the adapted rate (see docs/schedulers.md).
 
     Raises:
         TypeError: ``inner`` is not a ``torch.optim.Optimizer``, or an option has the wrong type.
@@ -89,7 +192,14 @@ class Newt(torch.optim.Optimizer):
         alpha_max: float = DEFAULT_OPTIONS.alpha_max,
         max_factor: float = DEFAULT_OPTIONS.max_factor,
         eps: float = DEFAULT_OPTIONS.eps,
-        nonfinite_shrink: float = DEFAULT_OPTIONS.nonfinite_shrink,
+        shrink: float = DEFAULT_OPTIONS.shrink,
+        spike_threshold: float = 0.5,
+        reject_spikes: bool = True,
+        reject_nonfinite: bool = False,
+        update_every: int = 1,
+        per_group: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         foreach: bool = True,
     ) -> None:
         _check_inner(inner)
@@ -100,13 +210,44 @@ class Newt(torch.optim.Optimizer):
             alpha_max=alpha_max,
             max_factor=max_factor,
             eps=eps,
-            nonfinite_shrink=nonfinite_shrink,
+            shrink=shrink,
         )
         self.strategy = strategy
         self._rule = _resolve_strategy(strategy)
-        if not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be True or False, got {foreach!r}.")
-        self.foreach = foreach
+        self._loss_free_rule = LOSS_FREE_STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+        self.spike_threshold = check_real(
+            "spike_threshold",
+            spike_threshold,
+            low=0,
+            high=math.inf,
+            low_open=True,
+            high_open=False,
+            hint="spike_threshold is the relative loss rise that counts as a spike, e.g. 0.5 (math.inf: off).",
+        )
+        self.reject_spikes = _check_flag("reject_spikes", reject_spikes)
+        self.reject_nonfinite = _check_flag("reject_nonfinite", reject_nonfinite)
+        if isinstance(update_every, bool) or not isinstance(update_every, numbers.Integral) or update_every < 1:
+            wrong_type = isinstance(update_every, bool) or not isinstance(update_every, numbers.Integral)
+            raise (TypeError if wrong_type else ValueError)(
+                f"update_every must be an integer >= 1, got {update_every!r}: 1 adapts the rate every "
+                "step, e.g. 4 adapts it every fourth step."
+            )
+        self.update_every = int(update_every)
+        self.per_group = _check_flag("per_group", per_group)
+        if self.per_group and self._loss_free_rule is None:
+            raise ValueError(
+                f"per_group=True adapts each group from its own slopes d0, d1, which strategy "
+                f"{self._strategy_name()!r} cannot do (the loss values belong to all groups at once): "
+                "use strategy='retsinas' or strategy='gen', or per_group=False."
+            )
+        if grad_scaler is not None and not all(hasattr(grad_scaler, m) for m in ("unscale_", "get_scale", "update")):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}: "
+                "build one with torch.amp.GradScaler(device) and pass it here."
+            )
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.process_group = process_group
+        self.foreach = _check_flag("foreach", foreach)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
         # replaced right after by the inner optimizer's own list (see add_param_group).
         super().__init__([{"params": list(g["params"])} for g in inner.param_groups], defaults={})
@@ -117,75 +258,344 @@ class Newt(torch.optim.Optimizer):
         self.step_info: StepInfo | None = None
         """The measurements and decision of the latest step (None before the first)."""
         self._steps = 0
+        self._rejected = 0
+        self._rates = Rates()
+        self._rates.sync(self.param_groups)
+        self._sharded = sharded(self._params())  # DTensor shards: dot products are partial sums
         self._snapshot: list[torch.Tensor] | None = None
+        self._pending: _Pending | None = None
 
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor | float:  # type: ignore[override]
+    def step(self, closure: Closure | None = None) -> torch.Tensor | float | None:  # type: ignore[override]
         """Take one inner step and adapt the learning rate.
 
         Args:
             closure: Clears the gradients, computes the loss on the current batch, calls
                 ``backward()`` and returns the loss. It is called twice per step: at
                 ``theta_t`` and at the lookahead point, with the same random state, and with
-                module buffers (BatchNorm statistics) restored after the second call.
+                module buffers (BatchNorm statistics) restored after the second call (once on
+                the steps that ``update_every`` leaves plain). Without a closure (after your own
+                ``backward()``), the step is closure-free: see the class docstring.
 
         Returns:
-            The loss the first closure call returned (at ``theta_t``).
+            The loss the first closure call returned (at ``theta_t``); None without a closure.
 
-        After the step the parameters' ``.grad`` hold the gradients of the lookahead point.
-        If the closure or the inner step raises, the parameters are restored to ``theta_t``
-        and the exception propagates.
+        After the step the parameters' ``.grad`` hold the gradients of the lookahead point (of
+        ``theta_t`` when ``reject_nonfinite`` stopped the step before the inner step, on plain
+        steps, and in closure-free mode). A rejected step (``step_info.rejected``) leaves the
+        parameters at ``theta_t``. If the closure, the inner step or the rule raises, the
+        parameters are restored to ``theta_t`` and the exception propagates unchanged; the next
+        ``step`` works as usual.
         """
+        self._rates.sync(self.param_groups)
         if closure is None:
-            raise ValueError(
-                "Newt.step needs a closure that computes the loss and calls backward(), e.g. "
-                "opt.step(lambda: (opt.zero_grad(), (l := loss_fn(model(x), y)).backward(), l)[2])."
-            )
+            return self._closure_free_step()
+        self._pending = None  # a closure step ends any closure-free measurement in progress
         closure = torch.enable_grad()(closure)
-        params = [p for group in self.param_groups for p in group["params"]]
-        rng_at_start = RngState(cuda_devices(params))
+        if self._steps % self.update_every:
+            return self._plain_step(closure)
+        return self._lookahead_step(closure)
 
-        loss = closure()
-        f0 = _loss_tensor(loss, "first")
-        active = [p for p in params if p.grad is not None]
-        if not active:
-            raise RuntimeError(
-                "after the closure ran, no parameter has a gradient: the closure must call "
-                "loss.backward() before returning the loss."
-            )
-        _check_dense(active)
-        snapshot = self._snapshot_of(active)
-        alpha = self._reference_lr()
+    def _lookahead_step(self, closure: Callable[[], Any]) -> Any:
+        params = self._params()
+        rng_at_start = RngState(cuda_devices(params))
+        loss, f0, active = self._first_call(closure, params)
+        units, unit_groups = self._units(active)
+        if self._stopped_before_step(f0, active, unit_groups):
+            return loss
+        local = _locals(active)  # DTensor parameters (FSDP2): this rank's shards
+        snapshot = self._snapshot_of(local)
         try:
-            grads = [p.grad for p in active]
+            grads = _locals([p.grad for p in active])
             self.inner.step()
-            d0 = _kernels.step_dot(grads, snapshot, active, foreach=self.foreach)
+            d0 = self._dots(grads, snapshot, local, units)
             del grads
             for p in active:  # the lookahead's gradient must not accumulate onto the first one
                 p.grad = None
             with replayed_rng(rng_at_start), frozen_module_buffers():
                 f1 = _loss_tensor(closure(), "second (lookahead)")
-            grads = [p.grad for p in active]
+            grads = _locals([p.grad for p in active])
             if all(g is None for g in grads):
                 raise RuntimeError(
                     "the lookahead closure call produced no gradient: the closure must call "
                     "loss.backward() every time it is called."
                 )
-            d1 = _kernels.step_dot(grads, snapshot, active, foreach=self.foreach)
+            d1 = self._dots(grads, snapshot, local, units)
+            if self.grad_scaler is not None:  # the lookahead's gradients are still scaled
+                d1 = d1 / self.grad_scaler.get_scale()
             device = d1.device
-            measured = torch.stack([f0.to(device), f1.to(device), d0.to(device), d1]).tolist()
+            values = torch.cat([torch.stack([f0.to(device), f1.to(device)]), d0.to(device), d1])
+            values = reduce_measurements(values, 2, is_sharded=self._sharded, group=self.process_group).tolist()
+            f0_value, f1_value, d0s, d1s = values[0], values[1], values[2 : 2 + len(units)], values[2 + len(units) :]
+            proposals, rejected = self._adapt(f0_value, f1_value, d0s, d1s, unit_groups, _split(grads, units))
         except BaseException:
-            _kernels.copy_(active, snapshot, foreach=self.foreach)
+            _kernels.copy_(local, snapshot, foreach=self.foreach)
             raise
-
-        f0_, f1_, d0_, d1_ = measured
-        proposal = self._rule(alpha, f0_, f1_, d0_, d1_, self.options)
-        self._set_reference_lr(alpha, proposal.alpha)
-        self.step_info = StepInfo(f0_, f1_, d0_, d1_, alpha, proposal.alpha, Decision(proposal.decision))
-        self._steps += 1
+        if rejected:
+            _kernels.copy_(local, snapshot, foreach=self.foreach)
+        self._finish(f0_value, f1_value, d0s, d1s, unit_groups, proposals, rejected=rejected)
         return loss
+
+    def _plain_step(self, closure: Callable[[], Any]) -> Any:
+        """A step that does not adapt the rate (lazy updates): one closure call, one inner step."""
+        loss, f0, active = self._first_call(closure, self._params())
+        if self._stopped_before_step(f0, active, self._units(active)[1]):
+            return loss
+        self._guarded_inner_step(active)
+        self._finish_plain(float(f0))
+        return loss
+
+    def _closure_free_step(self) -> None:
+        if self._loss_free_rule is None:
+            raise ValueError(
+                f"Newt.step was called without a closure, but strategy {self._strategy_name()!r} measures "
+                "the loss at the lookahead point, which needs one: pass a closure that clears the gradients, "
+                "computes the loss on the current batch, calls backward() and returns the loss, as in "
+                "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
+            )
+        params = self._params()
+        active = _active(
+            params,
+            "Newt.step() without a closure needs the gradients of the current batch: call "
+            "loss.backward() before opt.step(), or pass a closure.",
+        )
+        units, unit_groups = self._units(active)
+        local, grads = _locals(active), _locals([p.grad for p in active])
+        if self._stopped_before_step(None, active, unit_groups):
+            self._pending = None  # the measurement in progress would be NaN
+            return None
+        positions = self._positions(active, params)
+        pending = self._pending
+        adapted = False
+        if pending is not None and pending.indices == positions and pending.d0.numel() == len(units):
+            # d_{t-1} = theta_{t-1} - theta_t, with theta_{t-1} still in the snapshot buffer
+            d1 = self._dots(grads, self._snapshot, local, units)
+            pending.block_d0 = pending.d0 if pending.block_d0 is None else pending.block_d0 + pending.d0
+            pending.block_d1 = d1 if pending.block_d1 is None else pending.block_d1 + d1
+            pending.count += 1
+            if pending.count == self.update_every:
+                values = torch.cat([pending.block_d0.to(d1.device), pending.block_d1])
+                values = reduce_measurements(values, 0, is_sharded=self._sharded, group=self.process_group).tolist()
+                d0s, d1s = values[: len(units)], values[len(units) :]
+                proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units))
+                self._finish(math.nan, math.nan, d0s, d1s, unit_groups, proposals, rejected=False)
+                pending.block_d0 = pending.block_d1 = None
+                pending.count = 0
+                adapted = True
+        else:
+            pending = None  # the first step, or other parameters moved: start a new measurement
+        snapshot = self._guarded_inner_step(active, on_failure=lambda: setattr(self, "_pending", None))
+        d0 = self._dots(grads, snapshot, local, units)
+        if pending is None:
+            pending = _Pending(positions, d0)
+        pending.d0 = d0
+        self._pending = pending
+        if not adapted:
+            self._finish_plain(math.nan)
+        return None
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _first_call(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> tuple[Any, torch.Tensor, list]:
+        loss = closure()
+        f0 = _loss_tensor(loss, "first")
+        active = _active(
+            params,
+            "after the closure ran, no parameter has a gradient: the closure must call "
+            "loss.backward() before returning the loss.",
+        )
+        return loss, f0, active
+
+    def _guarded_inner_step(
+        self, active: list[torch.Tensor], on_failure: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
+        """Snapshot ``theta_t`` and run the inner step; on any exception restore ``theta_t``."""
+        local = _locals(active)
+        snapshot = self._snapshot_of(local)
+        try:
+            self.inner.step()
+        except BaseException:
+            _kernels.copy_(local, snapshot, foreach=self.foreach)
+            if on_failure is not None:
+                on_failure()
+            raise
+        return snapshot
+
+    def _units(self, active: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+        """The rate units: positions in ``active`` per unit, and the group each unit adapts.
+
+        One unit holding every parameter, adapting the reference group (the largest rate), or,
+        with ``per_group=True``, one unit per group that has gradients and a nonzero rate.
+        """
+        if not self.per_group:
+            rates = self._rates.groups
+            reference = max(range(len(rates)), key=lambda g: rates[g].used)
+            return [list(range(len(active)))], [reference]
+        group_of = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
+        units: dict[int, list[int]] = {}
+        for position, p in enumerate(active):
+            g = group_of[id(p)]
+            if self._rates.groups[g].used > 0.0:
+                units.setdefault(g, []).append(position)
+        if not units:
+            raise RuntimeError("no param group with gradients has a nonzero learning rate: nothing to adapt.")
+        groups = sorted(units)
+        return [units[g] for g in groups], groups
+
+    def _dots(
+        self, grads: list[torch.Tensor | None], snapshot: list[torch.Tensor], active: list[torch.Tensor], units
+    ) -> torch.Tensor:
+        """``<grad, snapshot - param>`` per unit, as a float64 vector on the device (no sync)."""
+        if len(units) == 1:
+            return _kernels.step_dot(grads, snapshot, active, foreach=self.foreach).reshape(1)
+        dots = [
+            _kernels.step_dot(g, s, p, foreach=self.foreach)
+            for g, s, p in zip(_split(grads, units), _split(snapshot, units), _split(active, units))
+        ]
+        return torch.stack([dot.to(dots[0].device) for dot in dots])
+
+    def _positions(self, active: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[int, ...]:
+        index = {id(p): i for i, p in enumerate(params)}
+        return tuple(index[id(p)] for p in active)
+
+    def _stopped_before_step(self, f0: torch.Tensor | None, active: list[torch.Tensor], unit_groups: list[int]) -> bool:
+        """Unscale the gradients (with a GradScaler) and check theta_t's numbers.
+
+        Returns True when the step stopped here, before the inner step, with ``step_info`` set.
+        """
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.inner)  # once per step: the scaler allows no more
+            if not self._first_call_finite(None, active):
+                # An fp16 overflow: the scaler backs off in its update(); the rate is not at fault.
+                kept = [Proposal(self._rates.groups[g].adapted, Decision.NONFINITE) for g in unit_groups]
+                nans = [math.nan] * len(unit_groups)
+                f0_value = math.nan if f0 is None else float(f0)
+                self._finish(f0_value, math.nan, nans, nans, unit_groups, kept, rejected=True)
+                return True
+        if self.reject_nonfinite and not self._first_call_finite(f0, active):
+            self._reject_before_step(f0, unit_groups)
+            return True
+        return False
+
+    def _first_call_finite(self, f0: torch.Tensor | None, params: list[torch.Tensor]) -> bool:
+        finite = _kernels.all_finite(_locals([p.grad for p in params]), foreach=self.foreach)
+        if f0 is not None:
+            finite = finite & f0.to(finite.device).isfinite()
+        # every rank must take the same branch (one rank's NaN stops the step everywhere)
+        return bool(agree_all(finite, self.process_group))  # the one extra host sync
+
+    def _vanished(self, grads: list[torch.Tensor | None]) -> bool:
+        """True when the gradient is not zero: the step vanished only because the rate is tiny."""
+        present = [g for g in grads if g is not None]
+        nonzero = _kernels.any_nonzero(present, foreach=self.foreach)
+        return agree_any(nonzero, present[0].device if present else torch.device("cpu"), self.process_group)
+
+    def _adapt(
+        self,
+        f0: float | None,
+        f1: float | None,
+        d0s: list[float],
+        d1s: list[float],
+        unit_groups: list[int],
+        grads_per_unit: list[list[torch.Tensor | None]],
+    ) -> tuple[list[Proposal], bool]:
+        """The next adapted rate of each unit, and whether to undo the step.
+
+        Faults first (non-finite numbers, a loss spike: they concern the whole step), then each
+        unit's rule. ``f0``/``f1`` are None in closure-free mode, where they are not measured.
+        """
+        options = self.options
+        rates = [self._rates.groups[g] for g in unit_groups]
+        if not (all_finite(*d0s, *d1s) and (f0 is None or all_finite(f0, f1))):
+            if self.grad_scaler is not None and all_finite(*d0s) and (f0 is None or all_finite(f0, f1)):
+                # Only the lookahead's scaled gradients overflowed: the step itself is sound (its
+                # loss is finite), the measurement is lost. Keep the step and the rate.
+                return [Proposal(rate.adapted, Decision.NONFINITE) for rate in rates], False
+            return [shrunk_rate(rate.adapted, options) for rate in rates], self.reject_nonfinite
+        if f0 is not None and spike_guard(1.0, f0, f1, self.spike_threshold, options) is not None:
+            return [shrunk_rate(rate.adapted, options, Decision.SPIKE) for rate in rates], self.reject_spikes
+        loss_free = f0 is None or self.per_group
+        rule = self._loss_free_rule if loss_free else self._rule
+        f0_, f1_ = (0.0, 0.0) if f0 is None else (f0, f1)  # loss-free rules never read them
+        proposals = []
+        for rate, d0, d1, grads in zip(rates, d0s, d1s, grads_per_unit):
+            if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
+                proposals.append(Proposal(rate.adapted, Decision.PLAIN))
+                continue
+            if rate.multiplier == 1.0:
+                proposal = rule(rate.adapted, f0_, f1_, d0, d1, options)
+            elif rule in BUILTIN_RULES:
+                proposal = scheduled_proposal(rule, rate.adapted, rate.used, f0_, f1_, d0, d1, options)
+            else:  # a custom rule adapts the rate it saw used; the multiplier is taken back out
+                proposal = rule(rate.used, f0_, f1_, d0, d1, options)
+                proposal = Proposal(
+                    clamp_alpha(proposal.alpha / rate.multiplier, options.alpha_min, options.alpha_max),
+                    proposal.decision,
+                )
+            if proposal.decision is Decision.NONCONVEX and d0 == 0.0 and d1 == 0.0 and self._vanished(grads):
+                # d = 0 exactly: theta did not move, and these are the gradients of theta_t
+                proposal = grown_rate(rate.adapted, options)
+            proposals.append(proposal)
+        return proposals, False
+
+    def _finish(
+        self,
+        f0: float,
+        f1: float,
+        d0s: list[float],
+        d1s: list[float],
+        unit_groups: list[int],
+        proposals: list[Proposal],
+        *,
+        rejected: bool,
+    ) -> None:
+        rates = self._rates.groups
+        before = [rate.used for rate in rates]
+        if self.per_group:
+            for g, proposal in zip(unit_groups, proposals):
+                rates[g].adapted = proposal.alpha
+        else:
+            self._rates.scale_all(unit_groups[0], proposals[0].alpha)
+        self._rates.write(self.param_groups)
+        after = [rate.used for rate in rates]
+        reference = max(range(len(unit_groups)), key=lambda u: before[unit_groups[u]])
+        groups = None
+        if self.per_group:
+            groups = tuple(
+                GroupStepInfo(g, d0, d1, before[g], after[g], Decision(p.decision))
+                for g, d0, d1, p in zip(unit_groups, d0s, d1s, proposals)
+            )
+        self.step_info = StepInfo(
+            f0,
+            f1,
+            math.fsum(d0s),
+            math.fsum(d1s),
+            before[unit_groups[reference]],
+            after[unit_groups[reference]],
+            Decision(proposals[reference].decision),
+            rejected,
+            groups,
+        )
+        self._steps += 1
+        self._rejected += int(rejected)
+
+    def _finish_plain(self, f0: float) -> None:
+        alpha = max(rate.used for rate in self._rates.groups)
+        self.step_info = StepInfo(f0, math.nan, math.nan, math.nan, alpha, alpha, Decision.PLAIN)
+        self._steps += 1
+
+    def _reject_before_step(self, f0: torch.Tensor | None, unit_groups: list[int]) -> None:
+        """A non-finite loss or gradient at ``theta_t``: skip the inner step, shrink the rate."""
+        # Nothing has moved yet: skipping the inner step keeps its state clean too.
+        proposals = [shrunk_rate(self._rates.groups[g].adapted, self.options) for g in unit_groups]
+        nans = [math.nan] * len(unit_groups)
+        f0_value = math.nan if f0 is None else float(f0)
+        self._finish(f0_value, math.nan, nans, nans, unit_groups, proposals, rejected=True)
 
     def _snapshot_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy ``params`` into the reused snapshot buffer (reallocated only if they change)."""
@@ -200,21 +610,7 @@ class Newt(torch.optim.Optimizer):
     @property
     def alpha(self) -> float:
         """The current global rate: the largest learning rate among the param groups."""
-        return self._reference_lr()
-
-    def _reference_lr(self) -> float:
         return max(float(group["lr"]) for group in self.param_groups)
-
-    def _set_reference_lr(self, old: float, new: float) -> None:
-        """Scale every group's rate by ``new / old``; the reference groups get ``new`` exactly."""
-        factor = new / old
-        for group in self.param_groups:
-            lr = group["lr"]
-            value = new if float(lr) == old else float(lr) * factor
-            if isinstance(lr, torch.Tensor):
-                lr.fill_(value)
-            else:
-                group["lr"] = value
 
     # ------------------------------------------------------------------ Optimizer plumbing
 
@@ -230,6 +626,7 @@ class Newt(torch.optim.Optimizer):
             return
         self.inner.add_param_group(param_group)
         _check_group_lr(self.inner.param_groups[-1], len(self.inner.param_groups) - 1)
+        self._sharded = sharded(self._params())
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, plus Newt's own counters under ``"newt"``.
@@ -239,7 +636,12 @@ class Newt(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = self.inner.state_dict()
-        state_dict["newt"] = {"steps": self._steps}
+        state_dict["newt"] = {
+            "steps": self._steps,
+            "rejected": self._rejected,
+            "rates": self._rates.state_dict(),
+            "pending": self._pending_state(),
+        }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -262,8 +664,53 @@ class Newt(torch.optim.Optimizer):
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
         self._steps = int(newt_state.get("steps", 0))
+        self._rejected = int(newt_state.get("rejected", 0))
+        self._rates = Rates()
+        if "rates" in newt_state:
+            self._rates.load_state_dict(newt_state["rates"])
+        self._rates.sync(self.param_groups)
+        self._load_pending(newt_state.get("pending"))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        """Closure-free mode's measurement in progress: ``d_{t-1}`` still needs ``theta_{t-1}``."""
+        pending = self._pending
+        if pending is None:
+            return None
+        return {
+            "indices": list(pending.indices),
+            "snapshot": list(self._snapshot),
+            "d0": pending.d0,
+            "block_d0": pending.block_d0,
+            "block_d1": pending.block_d1,
+            "count": pending.count,
+        }
+
+    def _load_pending(self, state: dict[str, Any] | None) -> None:
+        self._pending = None
+        if state is None:
+            return
+        params = self._params()
+        indices = tuple(int(i) for i in state["indices"])
+        if len(indices) != len(state["snapshot"]) or any(i >= len(params) for i in indices):
+            raise ValueError(
+                "the checkpoint's closure-free measurement does not match this optimizer's parameters: "
+                "load it into an optimizer built over the same parameters, in the same order."
+            )
+        shards = _locals([params[i] for i in indices])
+        self._snapshot = [
+            saved.to(device=shard.device, dtype=shard.dtype, copy=True)
+            for shard, saved in zip(shards, state["snapshot"])
+        ]
+        device = self._snapshot[0].device
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device=device, copy=True)
+
+        self._pending = _Pending(
+            indices, moved(state["d0"]), moved(state["block_d0"]), moved(state["block_d1"]), int(state["count"])
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -271,9 +718,11 @@ class Newt(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def _strategy_name(self) -> str:
+        return self.strategy if isinstance(self.strategy, str) else getattr(self.strategy, "__name__", "custom")
+
     def __repr__(self) -> str:
-        name = self.strategy if isinstance(self.strategy, str) else getattr(self.strategy, "__name__", "custom")
-        return f"Newt(strategy={name!r}, options={self.options}, inner={self.inner!r})"
+        return f"Newt(strategy={self._strategy_name()!r}, options={self.options}, inner={self.inner!r})"
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -312,6 +761,12 @@ def _check_group_lr(group: dict[str, Any], index: int) -> None:
         raise ValueError(f"param group {index} has lr={group['lr']!r}: it must be a finite number >= 0.")
 
 
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.")
+    return value
+
+
 def _resolve_strategy(strategy: object) -> Rule:
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
@@ -348,3 +803,20 @@ def _check_dense(params: list[torch.Tensor]) -> None:
             "Newt does not support sparse gradients (e.g. nn.Embedding(sparse=True)): use dense "
             "gradients (sparse=False)."
         )
+
+
+def _split(items: list, units: list[list[int]]) -> list[list]:
+    return [[items[i] for i in unit] for unit in units]
+
+
+def _active(params: list[torch.Tensor], missing: str) -> list[torch.Tensor]:
+    """The parameters that have a (dense) gradient; ``missing`` is the error when none has."""
+    active = [p for p in params if p.grad is not None]
+    if not active:
+        raise RuntimeError(missing)
+    _check_dense(active)
+    return active
+
+
+def _locals(tensors: list) -> list:
+    return [local_tensor(t) for t in tensors]

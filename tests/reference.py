@@ -46,3 +46,16 @@ def per_tensor_step_dot(
             g, b, a = torch.view_as_real(g), torch.view_as_real(b), torch.view_as_real(a)
         total += float((g.double() * (b.double() - a.double())).sum())
     return total
+
+
+def random_quadratic(seed: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, b, x)``: a random SPD quadratic ``0.5 x^T A x - b^T x`` in float64 and a start ``x``.
+
+    ``A = M M^T + 0.5 I`` keeps the curvature bounded away from zero; ``x`` requires grad.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(dim, dtype=torch.float64)
+    b = torch.randn(dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(dim, generator=gen, dtype=torch.float64).requires_grad_()
+    return a, b, x

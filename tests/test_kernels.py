@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,37 @@ def test_snapshot_copy_is_bit_exact_and_reused_only_when_it_fits():
     assert not _kernels.snapshot_fits(snap, params[:1])
     assert not _kernels.snapshot_fits(snap, [params[0], params[1].float()])
     assert not _kernels.snapshot_fits(None, params)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    ("bad_value", "dtype", "expected"),
+    [
+        (None, torch.float32, True),
+        (math.nan, torch.float32, False),
+        (math.inf, torch.float32, False),
+        (-math.inf, torch.bfloat16, False),
+        (3e38, torch.float32, True),  # large but finite: a sum of squares would overflow here
+        (1e300, torch.float64, True),
+        (complex(0.0, math.nan), torch.complex64, False),
+    ],
+)
+def test_all_finite_flags_any_nan_or_infinity_in_any_tensor(foreach, bad_value, dtype, expected):
+    tensors = [torch.ones(s, dtype=dtype) for s in [(3, 4), (0,), (5,), (2, 2)]]
+    if bad_value is not None:
+        tensors[2][3] = bad_value
+    assert bool(_kernels.all_finite(tensors, foreach=foreach)) is expected
+    assert bool(_kernels.all_finite([], foreach=foreach)) is True
+    assert bool(_kernels.all_finite([torch.ones(0, dtype=dtype)], foreach=foreach)) is True
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, False), (1e-45, True), (-3.0, True), (math.nan, True), (-0.0, False)]
+)
+def test_any_nonzero_finds_a_single_nonzero_element(foreach, value, expected):
+    tensors = [torch.zeros(s) for s in [(3, 4), (0,), (5,)]]
+    if value is not None:
+        tensors[2][4] = value
+    assert _kernels.any_nonzero(tensors, foreach=foreach) is expected
+    assert _kernels.any_nonzero([], foreach=foreach) is False

@@ -13,19 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from newt import Decision, Newt, StepInfo
-from tests.reference import reference_measurements
+from tests.reference import random_quadratic, reference_measurements
 
 WIDE = dict(alpha_min=1e-12, alpha_max=1e12, max_factor=1e9)
 
 
 def _quadratic(seed: int, dim: int = 6):
-    """A random SPD quadratic 0.5 x^T A x - b^T x in float64."""
-    gen = torch.Generator().manual_seed(seed)
-    m = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-    a = m @ m.T + 0.5 * torch.eye(dim, dtype=torch.float64)
-    b = torch.randn(dim, generator=gen, dtype=torch.float64)
-    x = torch.randn(dim, generator=gen, dtype=torch.float64).requires_grad_()
-    return a, b, x
+    return random_quadratic(seed, dim)
 
 
 def _quadratic_closure(opt, a, b, x):
@@ -138,18 +132,20 @@ def _train(opt_factory, steps, seed=0, record=None):
                 record.append(loss.item())
             return loss
 
-        losses.append(float(opt.step(closure)))
+        losses.append(float(opt.step(closure).detach()))
     return model, opt, losses, torch.get_rng_state()
 
 
 def _frozen_newt(inner_cls, lr, **kwargs):
     # gamma ~ 0 makes every proposal alpha * (1 + tiny) == alpha; alpha_max pins it from above.
+    # A loss spike shrinks the rate whatever gamma says: the threshold turns that policy off.
     return lambda model: Newt(
         inner_cls(model.parameters(), lr=lr, **kwargs),
         strategy="retsinas",
         gamma=1e-300,
         alpha_min=lr / 2,
         alpha_max=lr,
+        spike_threshold=math.inf,
     )
 
 
@@ -424,7 +420,7 @@ def test_closure_that_never_calls_backward_is_rejected():
 
 def test_step_without_closure_is_rejected():
     opt = Newt(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1))
-    with pytest.raises(ValueError, match="needs a closure"):
+    with pytest.raises(ValueError, match="without a closure, but strategy 'taylor' .* needs one: pass a closure"):
         opt.step()
 
 
@@ -446,6 +442,22 @@ def _with_lr(inner, lr):
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), alpha_min=1.0, alpha_max=0.1), ValueError, "alpha_min"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), max_factor=1.0), ValueError, "max_factor"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), eps=-1.0), ValueError, "eps"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), gamma=1.5), ValueError, r"gamma must be in \(0, 1\]"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), smoothing=None), TypeError, "smoothing must be a real number"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), smoothing=-0.1), ValueError, r"smoothing must be in \[0, 1\)"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), alpha_min=0.0), ValueError, "alpha_min must be in"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), alpha_max="1e4"), TypeError, "alpha_max must be a real number"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), alpha_max=math.inf), ValueError, "alpha_max must be in"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), max_factor=[2]), TypeError, "max_factor must be a real number"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), max_factor=math.nan), ValueError, "max_factor must be in"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), eps=1.0), ValueError, r"eps must be in \[0, 1\)"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), eps=True), TypeError, "eps must be a real number"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), shrink=1.0), ValueError, r"shrink must be in \(0, 1\)"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), spike_threshold=0.0), ValueError, "spike_threshold must be in"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), spike_threshold="x"), TypeError, "spike_threshold must be a"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), reject_spikes=1), TypeError, "reject_spikes must be True"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), reject_nonfinite="yes"), TypeError, "reject_nonfinite must be"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), foreach=None), TypeError, "foreach must be True or False"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.0)), ValueError, "positive initial learning rate"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1, differentiable=True)), ValueError, "differentiable"),
         (lambda p: Newt(_with_lr(torch.optim.SGD([p], lr=0.1), float("nan"))), ValueError, "finite number"),

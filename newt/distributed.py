@@ -1,0 +1,90 @@
+"""Making every rank agree: the reductions ``Newt`` needs under ``torch.distributed``.
+
+Every rank must apply the same rate at every step, or ranks that disagree silently train
+different models. The rule is a pure function of a handful of scalars, so it is enough that
+every rank feeds it the same scalars:
+
+- the losses ``f0`` and ``f1`` differ per rank (each sees its own shard of the batch): they are
+  averaged, the loss of the whole batch when the shards are equal;
+- the dot products ``d0`` and ``d1`` are sums over the parameters. With replicated parameters
+  (DDP) the gradients are already averaged across ranks and every rank holds the same numbers;
+  they are averaged too, which keeps them as they are. With sharded parameters (FSDP2's
+  DTensor parameters) each rank holds a partial sum over its shard: they are summed.
+
+All the scalars of a step travel in one ``all_reduce`` of a small float64 tensor, and only when
+a process group is initialised: single-process users pay nothing. The decisions taken before
+the inner step (``reject_nonfinite``, a GradScaler's overflow check) and the rare check for a
+step that vanished need a flag agreed across ranks; each is one more tiny ``all_reduce``, only
+on the paths that use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["agree_all", "agree_any", "is_distributed", "local_tensor", "reduce_measurements", "sharded"]
+
+try:  # DTensor is public from torch 2.4 on (torch.distributed.tensor); older builds lack it
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    DTensor = Shard = None
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def local_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The rank-local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def sharded(params: Sequence[torch.Tensor]) -> bool:
+    """True when some parameter is a DTensor sharded across ranks (FSDP2)."""
+    if DTensor is None:
+        return False
+    return any(isinstance(p, DTensor) and any(isinstance(s, Shard) for s in p.placements) for p in params)
+
+
+def reduce_measurements(
+    values: torch.Tensor, n_losses: int, *, is_sharded: bool, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Average the first ``n_losses`` entries (losses) across ranks; sum or average the rest.
+
+    ``values`` is a 1-D float64 tensor: the step's losses, then its dot products. The rest are
+    summed when ``is_sharded`` (each rank holds a partial sum), averaged otherwise (every rank
+    holds the same numbers). Without a multi-rank process group, ``values`` is returned as is.
+    """
+    if not is_distributed(group):
+        return values
+    world = dist.get_world_size(group)
+    reduced = values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    scale = torch.full_like(reduced, 1.0 / world)
+    if is_sharded:
+        scale[n_losses:] = 1.0
+    return reduced * scale
+
+
+def agree_all(flag: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``flag`` (a boolean scalar tensor) AND-ed across ranks."""
+    if not is_distributed(group):
+        return flag
+    value = flag.to(torch.float32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return value[0] > 0
+
+
+def agree_any(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """``flag`` OR-ed across ranks."""
+    if not is_distributed(group):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value[0] > 0)
