@@ -1,0 +1,146 @@
+"""Newt under torch.distributed: every rank applies the same rate, and training matches one process.
+
+Two processes with the ``gloo`` backend on CPU train a float64 MLP on equal halves of each
+global batch, with the model wrapped in DDP (replicated parameters) or FSDP2's ``fully_shard``
+(DTensor parameters, sharded across the ranks). For every strategy and mode the test checks:
+
+- the rates and the parameters are bit-identical across the ranks at every step;
+- they match a single process trained on the whole batches, to a tight tolerance (the
+  averages over ranks round differently from a full-batch mean, nothing more).
+
+One spawn runs every configuration, so the process start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from newt import Newt
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+STEPS = 24
+GLOBAL_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    wrapper: str  # "ddp" or "fsdp"
+    strategy: str
+    mode: str  # "lookahead", "lazy" or "closure-free"
+
+    @property
+    def id(self) -> str:
+        return f"{self.wrapper}-{self.strategy}-{self.mode}"
+
+    def newt_options(self) -> dict:
+        options = {"strategy": self.strategy}
+        if self.mode == "lazy":
+            options["update_every"] = 3
+        return options
+
+
+CONFIGS = [
+    *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "taylor", "gen") for m in ("lookahead", "lazy")),
+    *(Config(w, s, "closure-free") for w in ("ddp", "fsdp") for s in ("retsinas", "gen")),
+]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(GLOBAL_BATCH, 8, generator=gen, dtype=torch.float64), torch.randn(GLOBAL_BATCH, 1, generator=gen))
+        for _ in range(STEPS)
+    ]
+
+
+def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[list[float], list[torch.Tensor]]:
+    """Train and return the rate after each step and the final full parameters."""
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), **config.newt_options())
+    rates = []
+    for x, y in batches:
+        xb, yb = x[shard], y[shard].double()
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        if config.mode == "closure-free":
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+        rates.append(opt.param_groups[0]["lr"])
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+    return rates, [t.detach().clone() for t in full]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        half = GLOBAL_BATCH // WORLD
+        shard = slice(rank * half, (rank + 1) * half)
+        results = {}
+        for config in CONFIGS:
+            model = _model()
+            if config.wrapper == "ddp":
+                model = nn.parallel.DistributedDataParallel(model)
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in (model[0], model[2]):
+                    fully_shard(layer)
+                fully_shard(model)
+            results[config.id] = _train(model, config, _batches(), shard)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+def test_every_rank_applies_the_same_rate_and_holds_the_same_parameters(distributed_results, config):
+    (rates0, params0), (rates1, params1) = (r[config.id] for r in distributed_results)
+    assert rates0 == rates1
+    assert len(set(rates0)) > 1  # the rate did adapt
+    for a, b in zip(params0, params1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
+def test_distributed_training_matches_one_process_on_the_whole_batch(distributed_results, config):
+    rates, params = distributed_results[0][config.id]
+    single_rates, single_params = _train(_model(), config, _batches(), slice(None))
+    assert rates == pytest.approx(single_rates, rel=1e-9)
+    for a, b in zip(params, single_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

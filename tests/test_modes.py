@@ -1,0 +1,388 @@
+"""The modes of SPEC section 7 and the rate ownership of section 6, against independent computations.
+
+- lazy updates (``update_every=K`` with a closure): plain steps in between, one closure call each;
+- closure-free mode (``step()`` after the user's ``backward()``): the next gradient stands in for
+  the lookahead's, optionally summed over blocks of K steps;
+- per-group rates;
+- learning-rate schedulers, read as a multiplier on the adapted rate;
+- checkpoints that resume bit for bit in every mode.
+
+The closed forms use quadratics ``0.5 x^T A x - b^T x`` in float64 with SGD, where the
+gradient difference is exact: ``g(x - d) = g(x) - A d``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from newt import Decision, Newt
+from tests.reference import random_quadratic
+
+WIDE = dict(alpha_min=1e-12, alpha_max=1e12, max_factor=1e9)
+UNDAMPED = {"retsinas": dict(gamma=1.0), "gen": dict(smoothing=0.0)}
+
+
+def _quadratic(seed: int, dim: int = 5):
+    return random_quadratic(seed, dim)
+
+
+def _loss(a, b, x):
+    return 0.5 * x @ a @ x - b @ x
+
+
+def _backward(opt, a, b, x) -> torch.Tensor:
+    opt.zero_grad()
+    loss = _loss(a, b, x)
+    loss.backward()
+    return loss
+
+
+def _grad(a, b, x) -> torch.Tensor:
+    return a @ x.detach() - b
+
+
+# ---------------------------------------------------------------- lazy updates
+
+
+def test_lazy_updates_adapt_every_k_steps_and_take_plain_inner_steps_in_between():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    reference = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randn(16, 6), torch.randn(16, 1)) for _ in range(9)]
+    opt = Newt(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), update_every=3)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    calls, rates_used, decisions = 0, [], []
+    for x, y in batches:
+
+        def closure():
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        rates_used.append(opt.param_groups[0]["lr"])
+        opt.step(closure)
+        decisions.append(opt.step_info.decision)
+        assert not opt.step_info.rejected
+        # The reference: the same inner optimizer alone, at the rate Newt used for this step.
+        plain.param_groups[0]["lr"] = rates_used[-1]
+        plain.zero_grad()
+        nn.functional.mse_loss(reference(x), y).backward()
+        plain.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(p, q)
+
+    assert calls == 3 * 2 + 6 * 1  # lookahead steps call the closure twice, plain steps once
+    adapting = [i for i, d in enumerate(decisions) if d != Decision.PLAIN]
+    assert adapting == [0, 3, 6]
+    assert rates_used[1] == rates_used[2] and rates_used[4] == rates_used[5]  # constant inside a block
+    assert rates_used[1] != rates_used[0]
+
+
+# ---------------------------------------------------------------- closure-free mode
+
+
+@pytest.mark.parametrize("strategy", ["retsinas", "gen"])
+@pytest.mark.parametrize("seed", range(3))
+def test_closure_free_step_lands_on_the_line_minimiser_of_the_previous_step(strategy, seed):
+    # SGD steps along g; on a quadratic the gradient difference is exact, so the undamped
+    # rules set the rate to <g, g> / <g, A g> of the previous step's gradient.
+    a, b, x = _quadratic(seed)
+    opt = Newt(torch.optim.SGD([x], lr=0.01), strategy=strategy, **UNDAMPED[strategy], **WIDE)
+    g0 = _grad(a, b, x)
+    _backward(opt, a, b, x)
+    assert opt.step() is None
+    assert opt.step_info.decision == Decision.PLAIN  # nothing to measure yet
+    assert opt.param_groups[0]["lr"] == 0.01
+
+    g1 = _grad(a, b, x)
+    x1 = x.detach().clone()
+    _backward(opt, a, b, x)
+    opt.step()
+    expected = float(g0 @ g0 / (g0 @ a @ g0))
+    assert opt.step_info.alpha_next == pytest.approx(expected, rel=1e-10)
+    d = 0.01 * g0  # the previous step
+    assert opt.step_info.d0 == pytest.approx(float(g0 @ d), rel=1e-12)
+    assert opt.step_info.d1 == pytest.approx(float(g1 @ d), rel=1e-12)
+    assert math.isnan(opt.step_info.f0) and math.isnan(opt.step_info.f1)
+    # and the step just taken already used the new rate
+    assert torch.allclose(x.detach(), x1 - expected * g1, rtol=0, atol=1e-12)
+
+
+def test_closure_free_blocks_adapt_from_the_sums_over_each_block():
+    a, b, x = _quadratic(7)
+    k = 3
+    opt = Newt(torch.optim.SGD([x], lr=0.02), strategy="retsinas", gamma=0.5, update_every=k, **WIDE)
+    previous_step, block_d0, block_d1, rate = None, 0.0, 0.0, 0.02
+    for t in range(10):
+        g = _grad(a, b, x)
+        _backward(opt, a, b, x)
+        if previous_step is not None:  # the reference: sums of <g_{t-1}, d>, <g_t, d> per block
+            g_prev, d = previous_step
+            block_d0 += float(g_prev @ d)
+            block_d1 += float(g @ d)
+        adapts = t >= k and t % k == 0
+        if adapts:
+            rate = rate * (1 + 0.5 * block_d1 / (block_d0 - block_d1))
+            block_d0 = block_d1 = 0.0
+        before = x.detach().clone()
+        opt.step()
+        assert (opt.step_info.decision != Decision.PLAIN) == adapts, t
+        assert opt.param_groups[0]["lr"] == pytest.approx(rate, rel=1e-10), t
+        previous_step = (g, before - x.detach())
+
+
+@pytest.mark.parametrize("strategy", ["taylor", "custom"])
+def test_closure_free_step_with_a_rule_that_needs_losses_raises_a_clear_error(strategy):
+    p = nn.Parameter(torch.ones(3))
+    rule = strategy if strategy == "taylor" else (lambda alpha, f0, f1, d0, d1, options: alpha)
+    opt = Newt(torch.optim.SGD([p], lr=0.1), strategy=rule)
+    p.sum().backward()
+    with pytest.raises(ValueError, match="without a closure.*pass a closure.*'retsinas' or 'gen'"):
+        opt.step()
+
+
+def test_closure_free_step_without_gradients_says_to_call_backward():
+    opt = Newt(torch.optim.SGD([nn.Parameter(torch.ones(3))], lr=0.1), strategy="retsinas")
+    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) before opt.step\(\)"):
+        opt.step()
+
+
+def test_a_closure_step_ends_a_closure_free_measurement():
+    a, b, x = _quadratic(3)
+    opt = Newt(torch.optim.SGD([x], lr=0.01), strategy="retsinas")
+    _backward(opt, a, b, x)
+    opt.step()
+    opt.step(lambda: _backward(opt, a, b, x))  # a lookahead step in between
+    _backward(opt, a, b, x)
+    opt.step()
+    assert opt.step_info.decision == Decision.PLAIN  # starts a new measurement, no stale d0
+
+
+# ---------------------------------------------------------------- per-group rates
+
+
+def _two_group_problem():
+    # Two decoupled quadratics with very different curvatures: 0.5 * 2 u^2 and 0.5 * 50 v^2.
+    u = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    v = nn.Parameter(torch.tensor([0.5, 3.0], dtype=torch.float64))
+
+    def loss_fn():
+        return u.pow(2).sum() + 25.0 * v.pow(2).sum()
+
+    return u, v, loss_fn
+
+
+@pytest.mark.parametrize("strategy", ["retsinas", "gen"])
+def test_per_group_rates_find_each_groups_own_line_minimiser(strategy):
+    u, v, loss_fn = _two_group_problem()
+    inner = torch.optim.SGD([{"params": [u], "lr": 0.01}, {"params": [v], "lr": 0.001}])
+    opt = Newt(inner, strategy=strategy, per_group=True, **UNDAMPED[strategy], **WIDE)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    # a separable quadratic: the minimiser along -g of h x^2 / 2 is 1 / h for each group
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 2.0, rel=1e-10)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1 / 50.0, rel=1e-10)
+    info = opt.step_info
+    assert [g.index for g in info.groups] == [0, 1]
+    assert info.groups[1].alpha == 0.001 and info.groups[1].alpha_next == pytest.approx(0.02, rel=1e-10)
+
+
+def test_per_group_rates_in_closure_free_mode():
+    u, v, loss_fn = _two_group_problem()
+    inner = torch.optim.SGD([{"params": [u], "lr": 0.01}, {"params": [v], "lr": 0.001}])
+    opt = Newt(inner, strategy="retsinas", gamma=1.0, per_group=True, **WIDE)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    assert [group["lr"] for group in opt.param_groups] == pytest.approx([0.5, 0.02], rel=1e-10)
+
+
+def test_global_rate_keeps_the_group_ratio_where_per_group_would_not():
+    u, v, loss_fn = _two_group_problem()
+    opt = Newt(torch.optim.SGD([{"params": [u], "lr": 0.01}, {"params": [v], "lr": 0.001}]), strategy="retsinas")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0, rel=1e-12)
+    assert opt.step_info.groups is None
+
+
+def test_per_group_with_a_rule_that_needs_losses_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="per_group=True .* strategy 'taylor' .*'retsinas' or strategy='gen'"):
+        Newt(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1), strategy="taylor", per_group=True)
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_update_every_must_be_a_positive_integer(value, error):
+    with pytest.raises(error, match="update_every must be an integer >= 1"):
+        Newt(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1), update_every=value)
+
+
+# ---------------------------------------------------------------- schedulers
+
+
+def test_a_warm_up_multiplies_the_adapted_rate_which_still_lands_on_the_line_minimiser():
+    # One step at warm-up factor 0.1: the step used 0.1 * alpha0; the adapted rate (undamped)
+    # is still the line minimiser along that step, and the next rate used is the scheduler's
+    # next factor times it.
+    a, b, x = _quadratic(11)
+    opt = Newt(torch.optim.SGD([x], lr=0.05), strategy="retsinas", gamma=1.0, **WIDE)
+    scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=4)
+    g0 = _grad(a, b, x)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    opt.step(lambda: _backward(opt, a, b, x))
+    minimiser = float(g0 @ g0 / (g0 @ a @ g0))
+    assert opt.step_info.alpha == pytest.approx(0.005)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * minimiser, rel=1e-10)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.325 * minimiser, rel=1e-10)  # factor at step 1
+
+
+@pytest.mark.parametrize("strategy", ["retsinas", "taylor", "gen"])
+def test_with_a_scheduler_the_rate_used_is_always_the_schedule_factor_times_the_adapted_rate(strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), strategy=strategy)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, end_factor=1.0, total_iters=4),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+        ],
+        milestones=[4],
+    )
+    # LinearLR's factors, then the cosine's from its own step 0 at the milestone
+    factors = [0.25 + 0.75 * t / 4 for t in range(4)] + [(1 + math.cos(math.pi * t / 8)) / 2 for t in range(9)]
+    for t, factor in enumerate(factors[:12]):
+        x, y = torch.randn(16, 6), torch.randn(16, 1)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        adapted_before = opt._rates.groups[0].adapted
+        opt.step(closure)
+        rate = opt._rates.groups[0]
+        assert rate.multiplier == pytest.approx(factor, rel=1e-9), t
+        # the step used the factor times the rate adapted so far, and so will the next one
+        assert opt.step_info.alpha == pytest.approx(factor * adapted_before, rel=1e-12), t
+        assert opt.param_groups[0]["lr"] == pytest.approx(factor * rate.adapted, rel=1e-12), t
+        scheduler.step()
+
+
+# ---------------------------------------------------------------- checkpoints in every mode
+
+MODES = {
+    "lookahead": (dict(strategy="taylor"), True),
+    "lazy-3": (dict(strategy="taylor", update_every=3), True),
+    "closure-free": (dict(strategy="retsinas"), False),
+    "closure-free-blocks-3": (dict(strategy="gen", update_every=3), False),
+    "per-group": (dict(strategy="retsinas", per_group=True), True),
+    "per-group-closure-free": (dict(strategy="gen", per_group=True, update_every=2), False),
+    "scheduled": (dict(strategy="taylor"), True),
+}
+
+
+def _build(options: dict, with_scheduler: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    inner = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[2].parameters(), "lr": 3e-3}]
+    )
+    opt = Newt(inner, **options)
+    scheduler = torch.optim.lr_scheduler.LinearLR(opt, 0.2, 1.0, total_iters=10) if with_scheduler else None
+    return model, opt, scheduler
+
+
+def _train(model, opt, scheduler, batches, with_closure: bool):
+    for x, y in batches:
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        if with_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_checkpoint_resume_is_bit_identical_in_every_mode(mode):
+    options, with_closure = MODES[mode]
+    with_scheduler = mode == "scheduled"
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(13)]
+
+    model, opt, scheduler = _build(options, with_scheduler)
+    _train(model, opt, scheduler, batches, with_closure)
+    straight = ({k: v.clone() for k, v in model.state_dict().items()}, [g["lr"] for g in opt.param_groups])
+
+    model, opt, scheduler = _build(options, with_scheduler)
+    _train(model, opt, scheduler, batches[:7], with_closure)  # stops mid-block in the block modes
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+        },
+        buffer,
+    )
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    model, opt, scheduler = _build(options, with_scheduler)  # fresh objects, then load
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    _train(model, opt, scheduler, batches[7:], with_closure)
+
+    assert [g["lr"] for g in opt.param_groups] == straight[1]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, straight[0][name]), name
+
+
+def test_a_constant_lambda_schedule_writing_back_the_initial_rate_leaves_the_adaptation_alone():
+    # LambdaLR is closed-form: every step it writes initial_lr * lambda(t). With lambda = 1 that
+    # is the initial rate, which Newt reads as "factor 1" instead of erasing its adapted rate.
+    a, b, x = _quadratic(5)
+    opt = Newt(torch.optim.SGD([x], lr=1e-4), strategy="retsinas", gamma=1.0, **WIDE)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    for _ in range(3):
+        opt.step(lambda: _backward(opt, a, b, x))
+        adapted = opt.param_groups[0]["lr"]
+        scheduler.step()
+        assert opt.param_groups[0]["lr"] == 1e-4  # what LambdaLR wrote...
+        opt.step(lambda: _backward(opt, a, b, x))
+        assert opt.step_info.alpha == adapted  # ...but the step used Newt's rate
+    assert opt.param_groups[0]["lr"] > 1e-2

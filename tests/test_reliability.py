@@ -1,0 +1,304 @@
+"""Faults during a step: non-finite numbers, loss spikes, exceptions, a zero direction.
+
+Each test builds the fault by hand on a problem small enough that the expected parameters and
+rate are computed independently (plain tensor arithmetic), then checks what ``Newt`` left
+behind: the parameters (bit for bit where the policy promises ``theta_t``), the rate, the
+decision, and the inner optimizer's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from newt import Decision, Newt
+
+
+class InjectedFault(Exception):
+    """Raised by the closures below; nothing else raises it."""
+
+
+def _closure(opt: Newt, p: torch.Tensor, *, loss_fn, faults: dict[int, str] | None = None):
+    """A closure over ``loss_fn(p)`` that misbehaves on the call numbers listed in ``faults``.
+
+    Fault kinds: ``"nan_loss"`` (loss and gradient NaN), ``"inf_loss"`` (the returned loss is
+    inf, the gradient stays finite), ``"nan_grad"`` (finite loss, one NaN gradient entry),
+    ``"raise"`` (raises :class:`InjectedFault` after backward).
+    """
+    faults = faults or {}
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        kind = faults.get(calls["n"])
+        opt.zero_grad()
+        loss = loss_fn(p)
+        if kind == "nan_loss":
+            loss = loss * math.nan
+        loss.backward()
+        if kind == "nan_grad":
+            p.grad[0] = math.nan
+        if kind == "raise":
+            raise InjectedFault(f"call {calls['n']}")
+        if kind == "inf_loss":
+            return loss.detach() + math.inf
+        return loss
+
+    closure.calls = calls
+    return closure
+
+
+def _half_square(p: torch.Tensor) -> torch.Tensor:
+    return 0.5 * p.pow(2).sum()
+
+
+def _start() -> nn.Parameter:
+    return nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- non-finite numbers
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad"])
+def test_nonfinite_lookahead_with_rejection_restores_theta_and_shrinks_the_rate(kind):
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=0.1, momentum=0.9), reject_nonfinite=True, shrink=0.25)
+    closure = _closure(opt, p, loss_fn=_half_square, faults={2: kind})
+
+    loss = opt.step(closure)
+
+    assert float(loss.detach()) == 0.5 * float(before.pow(2).sum())
+    assert torch.equal(p.detach(), before)  # bit for bit: back at theta_t
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    info = opt.step_info
+    assert info.rejected and info.decision == Decision.NONFINITE
+    assert not all(math.isfinite(v) for v in (info.f1, info.d1))
+    # The inner step ran with the finite gradient of theta_t: its momentum holds that gradient.
+    assert torch.equal(opt.state[p]["momentum_buffer"], before)
+    assert (opt.state_dict()["newt"]["steps"], opt.state_dict()["newt"]["rejected"]) == (1, 1)
+
+
+def test_nonfinite_lookahead_without_rejection_keeps_the_step_and_shrinks_the_rate():
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=0.1), shrink=0.25)  # reject_nonfinite defaults to False
+
+    opt.step(_closure(opt, p, loss_fn=_half_square, faults={2: "nan_loss"}))
+
+    assert torch.equal(p.detach(), before - 0.1 * before)  # plain SGD step: grad of 0.5|p|^2 is p
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert opt.step_info.decision == Decision.NONFINITE and not opt.step_info.rejected
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad", "inf_loss"])
+def test_nonfinite_first_call_with_rejection_skips_the_inner_step_entirely(kind):
+    p = _start()
+    opt = Newt(torch.optim.Adam([p], lr=0.1), reject_nonfinite=True, shrink=0.5)
+    opt.step(_closure(opt, p, loss_fn=_half_square))  # one good step, so Adam has state
+    lr = opt.param_groups[0]["lr"]
+    before = p.detach().clone()
+    inner_state = copy.deepcopy(opt.inner.state_dict()["state"])
+
+    closure = _closure(opt, p, loss_fn=_half_square, faults={1: kind})
+    opt.step(closure)
+
+    assert closure.calls["n"] == 1  # no lookahead: nothing was stepped
+    assert torch.equal(p.detach(), before)
+    after = opt.inner.state_dict()["state"]
+    assert after.keys() == inner_state.keys()
+    for index, state in inner_state.items():
+        for key, value in state.items():
+            assert torch.equal(after[index][key], value), key  # moments and step count untouched
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+    info = opt.step_info
+    assert info.rejected and info.decision == Decision.NONFINITE
+    assert math.isnan(info.f1) and math.isnan(info.d0) and math.isnan(info.d1)
+    # and the next, healthy step is an ordinary one
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    assert not opt.step_info.rejected and not torch.equal(p.detach(), before)
+
+
+def test_training_recovers_after_rejected_nonfinite_steps():
+    p = _start()
+    opt = Newt(torch.optim.SGD([p], lr=0.1), reject_nonfinite=True)
+    start = float(_half_square(p.detach()))
+    for step in range(60):
+        faults = {1: "nan_grad"} if step % 10 == 3 else {2: "nan_loss"} if step % 10 == 7 else {}
+        opt.step(_closure(opt, p, loss_fn=_half_square, faults=faults))
+        assert opt.step_info.rejected == bool(faults)
+        assert torch.isfinite(p).all()
+        assert math.isfinite(opt.param_groups[0]["lr"])
+    # Each fault costs a tenfold rate cut that max_factor=2 wins back in four steps.
+    assert float(_half_square(p.detach())) < 1e-6 * start
+    assert opt.state_dict()["newt"]["rejected"] == 12
+
+
+# ---------------------------------------------------------------- loss spikes
+
+
+def test_a_loss_spike_is_rejected_and_the_rate_shrinks_by_shrink():
+    # SGD at lr 5 on 0.5 |p|^2 lands on -4 p: the loss grows 16-fold.
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=5.0), shrink=0.1)
+
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+
+    info = opt.step_info
+    assert info.f1 == pytest.approx(16 * info.f0)
+    assert info.decision == Decision.SPIKE and info.rejected
+    assert torch.equal(p.detach(), before)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    # the retry from theta_t at the smaller rate is a good step: 0.5 p, a quarter of the loss
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    assert not opt.step_info.rejected
+    assert torch.allclose(p.detach(), 0.5 * before)
+
+
+def test_a_loss_spike_without_rejection_keeps_the_step_and_still_shrinks():
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=5.0), shrink=0.1, reject_spikes=False)
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    assert torch.equal(p.detach(), before - 5.0 * before)
+    assert opt.step_info.decision == Decision.SPIKE and not opt.step_info.rejected
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_an_infinite_spike_threshold_leaves_the_overshoot_to_the_rule():
+    # taylor on this line: d1 = -20 s, curvature 2 (f0 - f1 - d1) = 25 s (s = |p|^2), so the
+    # damped Newton step gives 5 * (1 + 0.5 * (-20 / 25)) = 3.
+    p = _start()
+    opt = Newt(torch.optim.SGD([p], lr=5.0), strategy="taylor", gamma=0.5, spike_threshold=math.inf)
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    assert opt.step_info.decision == Decision.NEWTON and not opt.step_info.rejected
+    assert opt.param_groups[0]["lr"] == pytest.approx(3.0)
+
+
+def test_spike_rejection_backtracks_a_far_too_large_rate_without_touching_the_model():
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=1e4), shrink=0.1)
+    decisions = []
+    for _ in range(5):
+        opt.step(_closure(opt, p, loss_fn=_half_square))
+        decisions.append(opt.step_info.decision)
+        if not opt.step_info.rejected:
+            break
+        assert torch.equal(p.detach(), before)
+    # 1e4, 1e3, 1e2, 1e1 all overshoot past twice the minimiser (lr 2); 1 lands on it exactly
+    assert decisions == [Decision.SPIKE] * 4 + [Decision.NEWTON]
+    assert torch.equal(p.detach(), torch.zeros_like(before))
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_an_exception_in_either_closure_call_propagates_unchanged_and_restores_theta(call):
+    torch.manual_seed(0)
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.Adam([p], lr=0.1))
+    closure = _closure(opt, p, loss_fn=_half_square, faults={call: "raise"})
+
+    with pytest.raises(InjectedFault) as raised:
+        opt.step(closure)
+
+    assert str(raised.value) == f"call {call}" and type(raised.value) is InjectedFault
+    assert torch.equal(p.detach(), before)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.step_info is None
+    assert opt.state_dict()["newt"]["steps"] == 0
+
+    # The next step works. After a failure in the first call nothing had moved, so it is
+    # bit-identical to the first step of an optimizer that never saw the failure.
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    clean_p = _start()
+    clean = Newt(torch.optim.Adam([clean_p], lr=0.1))
+    clean.step(_closure(clean, clean_p, loss_fn=_half_square))
+    if call == 1:
+        assert torch.equal(p.detach(), clean_p.detach())
+        assert opt.param_groups[0]["lr"] == clean.param_groups[0]["lr"]
+    else:  # the inner step had run once: Adam's step count shows it, the parameters are sane
+        assert opt.state[p]["step"] == 2
+        assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)
+
+
+def test_an_exception_in_the_inner_step_restores_a_half_updated_model():
+    class BreaksHalfway(torch.optim.SGD):
+        """Updates the first parameter, then fails: a crash in the middle of an inner step."""
+
+        def step(self, closure=None):
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].add_(1.0)
+            raise InjectedFault("inner optimizer crashed")
+
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
+    opt = Newt(BreaksHalfway([a, b], lr=0.1))
+
+    def closure():
+        opt.zero_grad()
+        loss = a.sum() ** 2 + b.sum() ** 2
+        loss.backward()
+        return loss
+
+    with pytest.raises(InjectedFault, match="crashed"):
+        opt.step(closure)
+    assert torch.equal(a.detach(), torch.ones(2)) and torch.equal(b.detach(), torch.ones(3))
+
+
+def test_an_exception_in_a_custom_rule_restores_theta():
+    def broken_rule(alpha, f0, f1, d0, d1, options):
+        raise InjectedFault("rule bug")
+
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(torch.optim.SGD([p], lr=0.1), strategy=broken_rule)
+    with pytest.raises(InjectedFault, match="rule bug"):
+        opt.step(_closure(opt, p, loss_fn=_half_square))
+    assert torch.equal(p.detach(), before)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+# ---------------------------------------------------------------- a zero direction
+
+
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("strategy", ["retsinas", "taylor", "gen"])
+def test_a_zero_direction_keeps_the_rate_and_divides_by_nothing(inner, strategy):
+    # A flat loss: every gradient is exactly zero, so the inner step moves nothing.
+    p = _start()
+    before = p.detach().clone()
+    opt = Newt(inner([p], lr=0.1), strategy=strategy, eps=0.0)
+    for _ in range(3):
+        opt.step(_closure(opt, p, loss_fn=lambda q: (q * 0.0).sum() + 1.0))
+        info = opt.step_info
+        assert (info.f0, info.f1, info.d0, info.d1) == (1.0, 1.0, 0.0, 0.0)
+        assert info.decision == Decision.NONCONVEX and not info.rejected
+        assert opt.param_groups[0]["lr"] == 0.1
+    assert torch.equal(p.detach(), before)
+
+
+# ---------------------------------------------------------------- a step too small to register
+
+
+def test_a_step_that_vanishes_in_float32_grows_the_rate_until_it_registers():
+    # |d| = 1e-10 * |grad| is far below float32's resolution around 1 (6e-8): theta - d == theta
+    # exactly, so D0 = D1 = 0 although the gradient is not zero. Keeping the rate (the zero-
+    # direction answer) would freeze training forever.
+    p = nn.Parameter(torch.ones(4))
+    opt = Newt(torch.optim.SGD([p], lr=1e-10), max_factor=2.0)
+    decisions = []
+    for _ in range(40):
+        opt.step(_closure(opt, p, loss_fn=lambda q: (q - 3.0).pow(2).sum()))
+        decisions.append(opt.step_info.decision)
+    first_move = decisions.index(next(d for d in decisions if d != Decision.VANISHED))
+    # grad = 2 (p - 3) = -4: the step registers once 4 * lr reaches half an ulp of 1 (6e-8)
+    assert decisions[:first_move] == [Decision.VANISHED] * first_move
+    assert 2.0**first_move * 1e-10 * 4 >= 2.0**-24 > 2.0 ** (first_move - 1) * 1e-10 * 4
+    assert float(_half_square(p.detach() - 3.0)) < 1e-3  # and then it trains
