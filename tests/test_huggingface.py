@@ -1,0 +1,284 @@
+"""Newt under a real Hugging Face ``transformers.Trainer``: closure-free mode and the scheduler.
+
+The Trainer runs its own ``backward()`` and then calls ``optimizer.step()`` without a closure
+(through Accelerate's ``AcceleratedOptimizer``), so Newt works in its closure-free mode: step t
+measures ``d0 = <g_t, d_t>`` and the next step's gradient gives ``d1 = <g_{t+1}, d_t>``.
+
+The model is a tiny randomly initialised GPT-2 built from a config (nothing is downloaded),
+trained on byte-level windows (``vocab_size=256``) of a Python standard-library source file,
+on the CPU. Newt starts from a deliberately small rate, 1e-5, at which AdamW barely moves the
+loss in a few dozen steps: the loss falls only if Newt really raises the rate.
+
+The scheduler matters. The Trainer, given ``optimizers=(newt, None)``, builds its own scheduler
+from ``lr_scheduler_type``, and every built-in type ("linear", "constant", "cosine", ...) is a
+``LambdaLR``, which writes the absolute rate ``initial_lr * lambda(step)`` after every step and so
+overwrites the rate Newt adapted. A chainable torch scheduler passed explicitly (``ConstantLR``
+with factor 1 as a no-op, ``LinearLR`` for a decay) only multiplies Newt's rate. Both behaviours
+are pinned below, so that a change in either library is noticed.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from newt import Decision, Newt  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+START_LR = 1e-5
+SEQ_LEN = 64
+BATCH_SIZE = 8
+ADAPTED = {Decision.NEWTON, Decision.CLAMPED, Decision.NONCONVEX}
+"""Decisions of a step that adapted the rate from a finite measurement (not plain, not a fault)."""
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Nothing here downloads; this makes sure an accidental hub call fails instead of hanging.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _dataset(n: int = 256, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Byte-level windows of ``collections/__init__.py``: real text, no download, fixed by ``seed``."""
+    data = torch.tensor(list(pathlib.Path(collections.__file__).read_bytes()), dtype=torch.long)
+    starts = torch.randint(0, len(data) - SEQ_LEN, (n,), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": data[s : s + SEQ_LEN], "labels": data[s : s + SEQ_LEN]} for s in starts.tolist()]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=256, n_positions=SEQ_LEN, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _newt(model, strategy: str = "retsinas", **options) -> Newt:
+    return Newt(torch.optim.AdamW(model.parameters(), lr=START_LR), strategy=strategy, **options)
+
+
+def _noop_scheduler(opt: Newt) -> torch.optim.lr_scheduler.LRScheduler:
+    # ConstantLR(factor=1, total_iters=0) never changes the rate: it only stops the Trainer from
+    # building its own LambdaLR (see the tests of optimizers=(newt, None) below).
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+
+
+class _Recorder(transformers.TrainerCallback):
+    """What each optimizer step did: the rate the inner optimizer stepped with, and Newt's decision.
+
+    The rate is read inside the inner optimizer's ``step()`` (a wrapper around it), because in
+    closure-free mode Newt adapts the rate at the start of ``step()``, from the new gradient,
+    before its inner step: ``group["lr"]`` before ``optimizer.step()`` is not what the step used.
+    """
+
+    def __init__(self, opt: Newt) -> None:
+        self.opt = opt
+        self.inner_rates: list[float] = []
+        self.decisions: list[Decision] = []
+        self.multipliers: list[float] = []
+        inner_step = opt.inner.step
+
+        def recording_step(*args, **kwargs):
+            self.inner_rates.append(float(opt.inner.param_groups[0]["lr"]))
+            return inner_step(*args, **kwargs)
+
+        opt.inner.step = recording_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Called right after optimizer.step(), before the Trainer steps its scheduler.
+        self.decisions.append(self.opt.step_info.decision)
+        self.multipliers.append(self.opt.state_dict()["newt"]["rates"][0][1])
+
+
+def _train(tmp_path, opt: Newt, model, scheduler, max_steps: int, resume=None, **training_args):
+    """Train with ``optimizers=(opt, scheduler)``; returns the trainer and the recorder."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=max_steps,
+        per_device_train_batch_size=BATCH_SIZE,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        **{"save_strategy": "no", **training_args},
+    )
+    recorder = _Recorder(opt)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_dataset(), optimizers=(opt, scheduler), callbacks=[recorder]
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, recorder
+
+
+def _logged(trainer, key: str) -> list[float]:
+    """One value per logged step (the final summary entry has "train_loss", not "loss")."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def _loss_drop(trainer) -> tuple[float, float]:
+    """The first logged training loss and the mean of the last five."""
+    losses = _logged(trainer, "loss")
+    return losses[0], sum(losses[-5:]) / 5
+
+
+@pytest.mark.parametrize("strategy", ["retsinas", "gen"])
+def test_trainer_with_chainable_noop_scheduler_adapts_the_rate_and_trains(tmp_path, strategy):
+    steps = 30
+    model = _model()
+    opt = _newt(model, strategy)
+    trainer, rec = _train(tmp_path, opt, model, _noop_scheduler(opt), steps)
+
+    # One closure-free Newt step per optimizer step; the first one has no d1 yet, every later one adapts.
+    assert opt.state_dict()["newt"]["steps"] == steps
+    assert rec.decisions[0] is Decision.PLAIN
+    assert all(decision in ADAPTED for decision in rec.decisions[1:]), rec.decisions
+    assert opt.step_info.decision in ADAPTED and not opt.step_info.rejected
+    assert opt.param_groups[0]["lr"] == opt.step_info.alpha_next == rec.inner_rates[-1]
+
+    rates = rec.inner_rates
+    assert len(rates) == steps and rates[0] == START_LR
+    assert len(set(rates)) > steps // 2, f"the rate should change at most steps: {rates}"
+    assert max(rates) > 100 * START_LR, f"Newt should have raised the rate far above 1e-5: {rates}"
+    # The Trainer logs the scheduler's last rate (set by the previous scheduler.step()): with the no-op
+    # scheduler that is the rate the previous step used, so the logged curve is one step behind.
+    logged_lr = _logged(trainer, "learning_rate")
+    assert logged_lr[0] == START_LR and logged_lr[1:] == rates[:-1]
+
+    # At 1e-5 the loss stays near ln(256) ~ 5.5 for the whole run (see the linear-schedule test
+    # below); only the adapted rate brings it down.
+    first, last = _loss_drop(trainer)
+    assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
+    # The Trainer clipped the gradients (max_grad_norm=1 by default; it logs the norm before
+    # clipping) before optimizer.step(): Newt measured the clipped gradients, and still adapted.
+    assert max(_logged(trainer, "grad_norm")) > trainer.args.max_grad_norm == 1.0
+
+
+def test_trainer_with_linear_lr_multiplies_newts_adapted_rate_by_the_decay(tmp_path):
+    steps, end_factor = 20, 0.1
+    model = _model()
+    opt = _newt(model)
+    # A chainable LinearLR multiplies group["lr"] by a ratio on each scheduler.step(); Newt reads the
+    # change as a multiplier on its adapted rate, so the decay applies on top of the adaptation.
+    scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end_factor, total_iters=steps)
+    trainer, rec = _train(tmp_path, opt, model, scheduler, steps)
+
+    # At step t (from 0) Newt has taken in the t ratios written after steps 0..t-1: its multiplier is
+    # LinearLR's factor at epoch t. The last ratio, written after the final step, is only in group["lr"].
+    factors = [1.0 + (end_factor - 1.0) * t / steps for t in range(steps)]
+    assert rec.multipliers == pytest.approx(factors, rel=1e-9)
+    adapted, multiplier, written = opt.state_dict()["newt"]["rates"][0]
+    assert written == rec.inner_rates[-1] == pytest.approx(adapted * multiplier, rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(end_factor * adapted, rel=1e-9)
+    assert adapted > 100 * START_LR and max(rec.inner_rates) > 100 * START_LR
+    assert all(decision in ADAPTED for decision in rec.decisions[1:])
+    assert opt.state_dict()["newt"]["steps"] == steps
+
+
+@pytest.mark.parametrize("lr_scheduler_type", ["linear", "cosine"])
+def test_trainer_default_decaying_schedule_erases_newts_adaptation(tmp_path, lr_scheduler_type):
+    """Documents a pitfall: ``optimizers=(newt, None)`` with a decaying ``lr_scheduler_type``.
+
+    The Trainer builds ``get_scheduler(lr_scheduler_type)``, a ``LambdaLR`` whose ``step()`` writes
+    the absolute rate ``initial_lr * lambda(step)``. Newt still adapts at the start of each step,
+    but from that value: each step runs at Hugging Face's schedule from 1e-5 times a single update
+    of Newt's (at most ``max_factor`` = 2 either way), and nothing accumulates. If this test fails,
+    the interaction changed: update docs/integrations/huggingface.md.
+    """
+    steps = 12
+    model = _model()
+    opt = _newt(model)
+    trainer, rec = _train(tmp_path, opt, model, None, steps, lr_scheduler_type=lr_scheduler_type)
+
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    schedule = [START_LR * trainer.lr_scheduler.lr_lambdas[0](k) for k in range(steps)]
+    assert _logged(trainer, "learning_rate") == pytest.approx(schedule, rel=1e-12)
+    assert all(decision in ADAPTED for decision in rec.decisions[1:]), "Newt runs and adapts..."
+    for k, (used, scheduled) in enumerate(zip(rec.inner_rates, schedule)):
+        assert scheduled / 2 <= used * (1 + 1e-12) and used <= 2 * scheduled * (1 + 1e-12), (k, rec.inner_rates)
+    assert max(rec.inner_rates) <= 2 * START_LR, "...but its rate never grows past one update"
+
+
+def test_trainer_default_constant_schedule_keeps_newts_rate_but_logs_the_initial_rate(tmp_path):
+    """Documents ``optimizers=(newt, None)`` with ``lr_scheduler_type="constant"``.
+
+    That ``LambdaLR`` writes back exactly the initial rate every step, which Newt reads as the
+    schedule's factor returning to 1 (newt/_rates.py): the adaptation survives and training works.
+    But the Trainer logs ``get_last_lr()``, i.e. 1e-5 throughout, not the rate in use.
+    """
+    steps = 30
+    model = _model()
+    opt = _newt(model)
+    trainer, rec = _train(tmp_path, opt, model, None, steps, lr_scheduler_type="constant")
+
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert _logged(trainer, "learning_rate") == [START_LR] * steps
+    assert max(rec.inner_rates) > 100 * START_LR
+    assert all(decision in ADAPTED for decision in rec.decisions[1:])
+    first, last = _loss_drop(trainer)
+    assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
+
+
+def test_taylor_under_trainer_raises_value_error_asking_for_a_closure(tmp_path):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = _newt(model, "taylor")
+    # taylor needs the loss at the lookahead point, which only a closure can compute.
+    with pytest.raises(ValueError, match="without a closure") as excinfo:
+        _train(tmp_path, opt, model, _noop_scheduler(opt), 3)
+    assert "retsinas" in str(excinfo.value) and "gen" in str(excinfo.value)
+    # The error comes before the inner step: no parameter moved.
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert opt.state_dict()["newt"]["steps"] == 0
+
+
+def test_gradient_accumulation_and_update_every_under_trainer(tmp_path):
+    steps = 10
+    model = _model()
+    opt = _newt(model, update_every=3)
+    _, rec = _train(tmp_path, opt, model, _noop_scheduler(opt), steps, gradient_accumulation_steps=2)
+
+    # optimizer.step() runs once per accumulated step, so Newt counts optimizer steps, not micro-batches.
+    assert opt.state_dict()["newt"]["steps"] == steps
+    # Closure-free blocks: step 1 starts the measurement, and the rate is adapted from the sums over
+    # each block of 3 measured (d0, d1) pairs, at steps 4, 7 and 10; the steps between are plain.
+    adapting = [t + 1 for t, decision in enumerate(rec.decisions) if decision is not Decision.PLAIN]
+    assert adapting == [4, 7, 10], rec.decisions
+    assert all(rec.decisions[t - 1] in ADAPTED for t in adapting)
+    # The rate only changes on an adapting step (which adapts before its own inner step).
+    changes = [t + 1 for t in range(1, steps) if rec.inner_rates[t] != rec.inner_rates[t - 1]]
+    assert changes and set(changes) <= set(adapting), rec.inner_rates
+
+
+def test_trainer_checkpoint_resume_continues_newts_trajectory(tmp_path):
+    steps, save_at = 16, 8
+
+    def run(output_dir, **kwargs):
+        model = _model()
+        opt = _newt(model)
+        trainer, rec = _train(output_dir, opt, model, _noop_scheduler(opt), steps, **kwargs)
+        return trainer, opt, rec
+
+    # The Trainer saves opt.state_dict() (Newt's rates and the pending closure-free measurement under
+    # "newt") with torch.save and reloads it with torch.load(weights_only=True).
+    full, _, full_rec = run(tmp_path / "full", save_strategy="steps", save_steps=save_at)
+    resumed, opt, rec = run(tmp_path / "resumed", resume=str(tmp_path / "full" / f"checkpoint-{save_at}"))
+
+    # It really resumed (only the remaining steps ran), Newt's step count came from the checkpoint, and
+    # the first resumed step adapted at once: the pending d0 and theta_{t-1} survived the round trip
+    # (without them it would be a "plain" step starting a new measurement).
+    assert len(rec.decisions) == steps - save_at
+    assert opt.state_dict()["newt"]["steps"] == steps
+    assert rec.decisions[0] in ADAPTED, rec.decisions
+    assert rec.inner_rates == pytest.approx(full_rec.inner_rates[save_at:], rel=1e-6)
+    # Steps 1..save_at of the resumed history come from the checkpoint; the rest were recomputed.
+    assert _logged(resumed, "loss")[save_at:] == pytest.approx(_logged(full, "loss")[save_at:], rel=1e-6)
+    assert max(rec.inner_rates) > 10 * START_LR
