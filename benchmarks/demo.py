@@ -49,7 +49,8 @@ def train(inner_name: str, lr: float, use_newt: bool, steps: int, seed: int, **n
     with torch.no_grad():
         train_loss = float(nn.functional.cross_entropy(model(x_train), y_train))
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-    return {"losses": losses, "rates": rates, "train_loss": train_loss, "accuracy": accuracy}
+    rejected = opt.state_dict()["newt"]["rejected"] if use_newt else 0
+    return {"losses": losses, "rates": rates, "train_loss": train_loss, "accuracy": accuracy, "rejected": rejected}
 
 
 def main() -> None:

@@ -1,0 +1,178 @@
+"""Fast checks of the robustness sweep's pieces (``benchmarks/``): the tasks build and load
+their data offline and deterministically, every method takes a step, and the gradient
+evaluations are counted right in each ``Newt`` mode (checked against closure calls counted here).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+
+from benchmarks import peers, robustness, tasks
+from benchmarks.peers import PassCounter
+from benchmarks.robustness import METHODS, Job, NewtStepper, run
+from newt import Newt
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a benchmark task tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _equal(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_digits_loads_offline_and_deterministically(offline) -> None:
+    first = tasks.digits.__wrapped__()  # bypass the cache: load twice for real
+    assert _equal(first, tasks.digits.__wrapped__())
+    x_train, y_train, x_test, y_test = first
+    assert x_train.shape[1] == 64 and len(x_train) + len(x_test) == 1797
+    assert not _equal(first, tasks.digits.__wrapped__(seed=1))  # the seed does choose the split
+
+
+def test_mnist1d_generates_offline_and_deterministically(offline) -> None:
+    first = tasks.mnist1d(num_samples=100)  # the generator, small: the default takes seconds
+    assert _equal(first, tasks.mnist1d(num_samples=100))
+    assert not _equal(first, tasks.mnist1d(num_samples=100, seed=7))
+    x_train, y_train, x_test, y_test = first
+    assert x_train.shape == (80, 1, 40) and x_test.shape == (20, 1, 40)
+    assert x_train.dtype == torch.float32 and set(y_train.tolist()) <= set(range(10))
+
+
+def test_char_corpus_is_the_stdlib_text_offline(offline) -> None:
+    first = tasks.char_corpus()
+    assert _equal(first, tasks.char_corpus())
+    x_train, y_train, x_test, y_test = first
+    assert x_train.shape[1] == 64 and torch.equal(x_train[:, 1:], y_train[:, :-1])
+    assert len(x_train) > 5 * len(x_test) > 0 and int(x_train.max()) < 256
+    assert tasks.stdlib_text.__wrapped__() == tasks.stdlib_text()
+
+
+@pytest.mark.parametrize(
+    ("builder", "x"),
+    [
+        (tasks.digits_mlp, torch.rand(5, 64)),
+        (tasks.mnist1d_cnn, torch.randn(5, 1, 40)),
+        (tasks.char_transformer, torch.randint(0, 256, (5, 64))),
+    ],
+)
+def test_models_build_deterministically_and_take_a_newt_step(builder, x: torch.Tensor) -> None:
+    model = builder(0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), builder(0).parameters()))
+    out = model(x)
+    y = torch.randint(0, out.shape[-1], out.shape[:-1])
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = tasks.loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    assert math.isfinite(float(opt.step(closure).detach()))
+
+
+def test_charlm_is_causal() -> None:
+    """A byte may only see the bytes before it: changing the last input changes no earlier output."""
+    model = tasks.char_transformer(0).eval()
+    x = torch.randint(0, 256, (2, 64))
+    changed = x.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :-1], model(changed)[:, :-1])
+
+
+def test_batches_are_deterministic() -> None:
+    data = tasks.TASKS["charlm"].load()
+    a = data.sample(torch.Generator().manual_seed(3), 4)
+    b = data.sample(torch.Generator().manual_seed(3), 4)
+    assert _equal(a, b) and torch.equal(a[0][:, 1:], a[1][:, :-1])
+
+
+@pytest.mark.parametrize("key", sorted(METHODS))
+def test_every_method_trains_within_a_tiny_budget(key: str) -> None:
+    method = METHODS[key]
+    result = run(Job("digits", key, 1e-2 if method.takes_alpha0 else None, 0, budget=6))
+    assert 6 <= result["evals"] <= 8  # a lookahead step may overshoot the budget by one
+    assert result["steps"] >= 3 and not result["diverged"]
+    assert math.isfinite(result["train_loss"]) and 0.0 <= result["metric"] <= 1.0
+    if key.startswith("gen-official"):
+        assert result["parabola_calls"] == 1 and result["forwards"] == result["backwards"] + 3
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "closure_free", "calls_per_8_steps"),
+    [
+        ("taylor", {}, False, 16),  # lookahead: 2 closure calls every step
+        ("gen", {}, False, 16),
+        ("taylor", {"update_every": 4}, False, 10),  # lazy K=4: 2 on steps 0 and 4, else 1
+        ("retsinas", {"update_every": 4}, False, 10),
+        ("retsinas", {}, True, 8),  # closure-free: one backward per step, done by the loop
+        ("gen", {}, True, 8),
+    ],
+)
+def test_gradient_evaluations_match_the_closure_calls(strategy, options, closure_free, calls_per_8_steps) -> None:
+    x, y = tasks.digits()[:2]
+    model = tasks.digits_mlp(0)
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), strategy=strategy, **options)
+    stepper = NewtStepper(opt, closure_free)
+    counter = PassCounter(model)
+    calls = 0
+
+    def batch_loss() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return counter.watch(tasks.loss_fn(model(x[:32]), y[:32]))
+
+    for _ in range(8):
+        stepper.step(batch_loss)
+    assert calls == calls_per_8_steps
+    assert counter.backwards == counter.forwards == calls and counter.cost == calls
+
+
+@pytest.mark.parametrize(
+    ("key", "steps"),
+    [("newt-adam-taylor", 10), ("newt-adam-taylor-lazy4", 16), ("newt-adam-gen-free", 20), ("adam", 20)],
+)
+def test_an_equal_budget_means_fewer_steps_for_the_lookahead(key: str, steps: int) -> None:
+    result = run(Job("digits", key, 1e-3, 0, budget=20))
+    assert result["evals"] == 20 and result["steps"] == steps
+
+
+def test_a_no_grad_forward_costs_a_third() -> None:
+    model = tasks.digits_mlp(0)
+    counter = PassCounter(model)
+    x = torch.rand(4, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    counter.watch(model(x).sum()).backward()
+    assert (counter.forwards, counter.backwards) == (4, 1)
+    assert counter.cost == pytest.approx(1 + 3 * peers.FORWARD_ONLY_COST) == pytest.approx(2.0)
+    counter.close()
+    model(x)
+    assert counter.forwards == 4
+
+
+def test_the_table_ranks_by_the_worst_initial_rate() -> None:
+    runs = [
+        run(Job("digits", key, alpha0, 0, budget=8))
+        for key, alpha0s in (("adam", (1e-5, 1e-2)), ("newt-adam-taylor", (1e-5, 1e-2)), ("prodigy", (None,)))
+        for alpha0 in alpha0s
+    ]
+    text = robustness.table(tasks.TASKS["digits"], runs, [1e-5, 1e-2], 1, 8)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "α0=" not in line]
+    assert len(rows) == 3
+    worst = [float(row.split(" | ")[4]) for row in rows]
+    assert worst == sorted(worst)
+    assert "Best tuned plain optimizer: Adam" in text
