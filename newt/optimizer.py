@@ -12,6 +12,7 @@ import torch
 
 from newt import _kernels
 from newt._isolation import RngState, cuda_devices, frozen_module_buffers, replayed_rng
+from newt._noise import NoiseEstimate, debiased
 from newt._numerics import all_finite, check_real, clamp_alpha
 from newt._rates import Rates
 from newt.distributed import agree_all, agree_any, local_tensor, reduce_measurements, sharded
@@ -49,6 +50,7 @@ class GroupStepInfo:
         alpha: The group's rate for the step.
         alpha_next: The group's rate for the next step.
         decision: Why the group's rule chose ``alpha_next``.
+        noise: The share of ``d0`` removed from the slopes as mini-batch noise before the rule.
     """
 
     index: int
@@ -57,6 +59,7 @@ class GroupStepInfo:
     alpha: float
     alpha_next: float
     decision: Decision
+    noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class StepInfo:
             inner step ran (a non-finite loss or gradient at ``theta_t``), ``f1``, ``d0`` and
             ``d1`` are NaN: they were never measured.
         groups: With ``per_group=True``, one :class:`GroupStepInfo` per adapted group; else None.
+        noise: The share of ``d0`` that the rule saw removed from the slopes as mini-batch noise
+            (see ``noise_correction``); ``f1``, ``d0`` and ``d1`` above are the raw measurements.
     """
 
     f0: float
@@ -91,6 +96,7 @@ class StepInfo:
     decision: Decision
     rejected: bool = False
     groups: tuple[GroupStepInfo, ...] | None = None
+    noise: float = 0.0
 
 
 @dataclass
@@ -105,6 +111,22 @@ class _Pending:
     block_d0: torch.Tensor | None = None  # sums over the current block of update_every steps
     block_d1: torch.Tensor | None = None
     count: int = 0
+
+
+@dataclass
+class _NoiseProbe:
+    """A kept lookahead step's same-batch slopes, waiting for a fresh batch's gradient at its end.
+
+    The snapshot buffer holds ``theta_t`` meanwhile, so ``d_t = snapshot - theta_{t+1}``. Once
+    the next closure step has computed ``<grad L_fresh(theta_{t+1}), d_t>`` (``fresh``, still on
+    the device and not reduced across ranks), the next lookahead step's reduction carries it.
+    """
+
+    params: list[torch.Tensor]  # the parameters the step moved, in order
+    keys: list[int]  # the noise estimate's key per rate unit: the group, or -1 (global rate)
+    d0: list[float]
+    d1: list[float]
+    fresh: torch.Tensor | None = None
 
 
 class Newt(torch.optim.Optimizer):
@@ -164,6 +186,14 @@ class Newt(torch.optim.Optimizer):
             (default: the whole world, when a process group is initialised). The losses are
             averaged across ranks and the dot products averaged (DDP) or summed (sharded FSDP2
             parameters), in one ``all_reduce`` per step (see :mod:`newt.distributed`).
+        noise_correction: The largest share of the lookahead's slopes that may be removed as
+            mini-batch noise, in [0, 1]; 0 turns the correction off. The lookahead measures on
+            the batch the step was fitted to, so its slopes overstate the expected loss's and
+            the rules would aim too far; the next batch's gradient at the same point measures
+            by how much (one more dot product per step), and a moving average of that share,
+            capped here, is subtracted before the rule (see :mod:`newt._noise`). On a
+            deterministic (full-batch) problem the share is exactly 0. Lookahead and lazy
+            modes; closure-free mode already measures on fresh batches.
         foreach: Use the multi-tensor ``torch._foreach_*`` kernels (default) or a per-tensor loop.
 
     A rejected step still advanced the inner optimizer's state (moments, step count) by one step
@@ -200,6 +230,7 @@ class Newt(torch.optim.Optimizer):
         per_group: bool = False,
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        noise_correction: float = 0.5,
         foreach: bool = True,
     ) -> None:
         _check_inner(inner)
@@ -247,6 +278,15 @@ class Newt(torch.optim.Optimizer):
             )
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.process_group = process_group
+        self.noise_correction = check_real(
+            "noise_correction",
+            noise_correction,
+            low=0,
+            high=1,
+            low_open=False,
+            high_open=False,
+            hint="noise_correction caps the share of the slopes removed as mini-batch noise: 0 is off, e.g. 0.5.",
+        )
         self.foreach = _check_flag("foreach", foreach)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
         # replaced right after by the inner optimizer's own list (see add_param_group).
@@ -264,6 +304,8 @@ class Newt(torch.optim.Optimizer):
         self._sharded = sharded(self._params())  # DTensor shards: dot products are partial sums
         self._snapshot: list[torch.Tensor] | None = None
         self._pending: _Pending | None = None
+        self._noise = NoiseEstimate(self.noise_correction)
+        self._probe: _NoiseProbe | None = None
 
     # ------------------------------------------------------------------ the step
 
@@ -291,6 +333,7 @@ class Newt(torch.optim.Optimizer):
         """
         self._rates.sync(self.param_groups)
         if closure is None:
+            self._probe = None  # the closure-free step reuses the snapshot buffer
             return self._closure_free_step()
         self._pending = None  # a closure step ends any closure-free measurement in progress
         closure = torch.enable_grad()(closure)
@@ -306,9 +349,10 @@ class Newt(torch.optim.Optimizer):
         if self._stopped_before_step(f0, active, unit_groups):
             return loss
         local = _locals(active)  # DTensor parameters (FSDP2): this rank's shards
+        grads = _locals([p.grad for p in active])
+        probe = self._measure_fresh_slope(active, local, grads, units)
         snapshot = self._snapshot_of(local)
         try:
-            grads = _locals([p.grad for p in active])
             self.inner.step()
             d0 = self._dots(grads, snapshot, local, units)
             del grads
@@ -326,23 +370,39 @@ class Newt(torch.optim.Optimizer):
             if self.grad_scaler is not None:  # the lookahead's gradients are still scaled
                 d1 = d1 / self.grad_scaler.get_scale()
             device = d1.device
-            values = torch.cat([torch.stack([f0.to(device), f1.to(device)]), d0.to(device), d1])
+            parts = [torch.stack([f0.to(device), f1.to(device)]), d0.to(device), d1]
+            if probe is not None:  # the previous step's fresh-batch slope rides along
+                parts.append(probe.fresh.to(device))
+            values = torch.cat(parts)
             values = reduce_measurements(values, 2, is_sharded=self._sharded, group=self.process_group).tolist()
-            f0_value, f1_value, d0s, d1s = values[0], values[1], values[2 : 2 + len(units)], values[2 + len(units) :]
-            proposals, rejected = self._adapt(f0_value, f1_value, d0s, d1s, unit_groups, _split(grads, units))
+            n = len(units)
+            f0_value, f1_value, d0s, d1s = values[0], values[1], values[2 : 2 + n], values[2 + n : 2 + 2 * n]
+            if probe is not None:
+                for key, d0_, d1_, fresh in zip(probe.keys, probe.d0, probe.d1, values[2 + 2 * n :]):
+                    self._noise.observe(key, d0_, d1_, fresh)
+            keys = self._noise_keys(unit_groups)
+            noise = [self._noise.fraction(key) for key in keys]
+            proposals, rejected = self._adapt(
+                f0_value, f1_value, d0s, d1s, unit_groups, _split(grads, units), noise=noise
+            )
         except BaseException:
             _kernels.copy_(local, snapshot, foreach=self.foreach)
             raise
         if rejected:
             _kernels.copy_(local, snapshot, foreach=self.foreach)
-        self._finish(f0_value, f1_value, d0s, d1s, unit_groups, proposals, rejected=rejected)
+        elif self.noise_correction > 0.0:  # theta_{t+1} stays: a fresh batch can measure there
+            self._probe = _NoiseProbe(active, keys, d0s, d1s)
+        self._finish(f0_value, f1_value, d0s, d1s, unit_groups, proposals, rejected=rejected, noise=noise)
         return loss
 
     def _plain_step(self, closure: Callable[[], Any]) -> Any:
         """A step that does not adapt the rate (lazy updates): one closure call, one inner step."""
         loss, f0, active = self._first_call(closure, self._params())
-        if self._stopped_before_step(f0, active, self._units(active)[1]):
+        units, unit_groups = self._units(active)
+        if self._stopped_before_step(f0, active, unit_groups):
             return loss
+        local = _locals(active)
+        self._probe = self._measure_fresh_slope(active, local, _locals([p.grad for p in active]), units)
         self._guarded_inner_step(active)
         self._finish_plain(float(f0))
         return loss
@@ -397,6 +457,28 @@ class Newt(torch.optim.Optimizer):
         return None
 
     # ------------------------------------------------------------------ pieces of a step
+
+    def _measure_fresh_slope(
+        self, active: list[torch.Tensor], local: list[torch.Tensor], grads: list[torch.Tensor | None], units
+    ) -> _NoiseProbe | None:
+        """The probe of the last kept lookahead step, with its fresh-batch slope measured now.
+
+        Call on a closure step after the first closure call (the gradients are this batch's, at
+        the point the last step ended on) and before the snapshot buffer is overwritten. Returns
+        the probe whose fresh slope still waits for a reduction, or None.
+        """
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        if probe.fresh is None:
+            same = len(probe.params) == len(active) and all(p is q for p, q in zip(probe.params, active))
+            if not (same and len(units) == len(probe.keys) and _kernels.snapshot_fits(self._snapshot, local)):
+                return None  # other parameters moved since: d_t is not snapshot - theta
+            probe.fresh = self._dots(grads, self._snapshot, local, units)
+        return probe
+
+    def _noise_keys(self, unit_groups: list[int]) -> list[int]:
+        return list(unit_groups) if self.per_group else [-1]
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -503,11 +585,13 @@ class Newt(torch.optim.Optimizer):
         d1s: list[float],
         unit_groups: list[int],
         grads_per_unit: list[list[torch.Tensor | None]],
+        noise: list[float] | None = None,
     ) -> tuple[list[Proposal], bool]:
         """The next adapted rate of each unit, and whether to undo the step.
 
         Faults first (non-finite numbers, a loss spike: they concern the whole step), then each
-        unit's rule. ``f0``/``f1`` are None in closure-free mode, where they are not measured.
+        unit's rule, fed the measurements without their estimated noise share ``noise`` (one per
+        unit). ``f0``/``f1`` are None in closure-free mode, where they are not measured.
         """
         options = self.options
         rates = [self._rates.groups[g] for g in unit_groups]
@@ -523,16 +607,17 @@ class Newt(torch.optim.Optimizer):
         rule = self._loss_free_rule if loss_free else self._rule
         f0_, f1_ = (0.0, 0.0) if f0 is None else (f0, f1)  # loss-free rules never read them
         proposals = []
-        for rate, d0, d1, grads in zip(rates, d0s, d1s, grads_per_unit):
+        for rate, d0, d1, grads, share in zip(rates, d0s, d1s, grads_per_unit, noise or [0.0] * len(rates)):
             if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
                 proposals.append(Proposal(rate.adapted, Decision.PLAIN))
                 continue
+            f1_unit, d0_unit, d1_unit = debiased(f1_, d0, d1, share) if share else (f1_, d0, d1)
             if rate.multiplier == 1.0:
-                proposal = rule(rate.adapted, f0_, f1_, d0, d1, options)
+                proposal = rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
             elif rule in BUILTIN_RULES:
-                proposal = scheduled_proposal(rule, rate.adapted, rate.used, f0_, f1_, d0, d1, options)
+                proposal = scheduled_proposal(rule, rate.adapted, rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
             else:  # a custom rule adapts the rate it saw used; the multiplier is taken back out
-                proposal = rule(rate.used, f0_, f1_, d0, d1, options)
+                proposal = rule(rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
                 proposal = Proposal(
                     clamp_alpha(proposal.alpha / rate.multiplier, options.alpha_min, options.alpha_max),
                     proposal.decision,
@@ -553,8 +638,10 @@ class Newt(torch.optim.Optimizer):
         proposals: list[Proposal],
         *,
         rejected: bool,
+        noise: list[float] | None = None,
     ) -> None:
         rates = self._rates.groups
+        noise = noise or [0.0] * len(unit_groups)
         before = [rate.used for rate in rates]
         if self.per_group:
             for g, proposal in zip(unit_groups, proposals):
@@ -567,8 +654,8 @@ class Newt(torch.optim.Optimizer):
         groups = None
         if self.per_group:
             groups = tuple(
-                GroupStepInfo(g, d0, d1, before[g], after[g], Decision(p.decision))
-                for g, d0, d1, p in zip(unit_groups, d0s, d1s, proposals)
+                GroupStepInfo(g, d0, d1, before[g], after[g], Decision(p.decision), share)
+                for g, d0, d1, p, share in zip(unit_groups, d0s, d1s, proposals, noise)
             )
         self.step_info = StepInfo(
             f0,
@@ -580,6 +667,7 @@ class Newt(torch.optim.Optimizer):
             Decision(proposals[reference].decision),
             rejected,
             groups,
+            noise[reference],
         )
         self._steps += 1
         self._rejected += int(rejected)
@@ -641,6 +729,7 @@ class Newt(torch.optim.Optimizer):
             "rejected": self._rejected,
             "rates": self._rates.state_dict(),
             "pending": self._pending_state(),
+            "noise": {"averages": self._noise.state_dict(), "probe": self._probe_state()},
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -670,6 +759,10 @@ class Newt(torch.optim.Optimizer):
             self._rates.load_state_dict(newt_state["rates"])
         self._rates.sync(self.param_groups)
         self._load_pending(newt_state.get("pending"))
+        noise_state = newt_state.get("noise", {})
+        self._noise = NoiseEstimate(self.noise_correction)
+        self._noise.load_state_dict(noise_state.get("averages", []))
+        self._load_probe(noise_state.get("probe"))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -691,18 +784,8 @@ class Newt(torch.optim.Optimizer):
         self._pending = None
         if state is None:
             return
-        params = self._params()
         indices = tuple(int(i) for i in state["indices"])
-        if len(indices) != len(state["snapshot"]) or any(i >= len(params) for i in indices):
-            raise ValueError(
-                "the checkpoint's closure-free measurement does not match this optimizer's parameters: "
-                "load it into an optimizer built over the same parameters, in the same order."
-            )
-        shards = _locals([params[i] for i in indices])
-        self._snapshot = [
-            saved.to(device=shard.device, dtype=shard.dtype, copy=True)
-            for shard, saved in zip(shards, state["snapshot"])
-        ]
+        self._restore_snapshot(indices, state["snapshot"], "closure-free measurement")
         device = self._snapshot[0].device
 
         def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -711,6 +794,46 @@ class Newt(torch.optim.Optimizer):
         self._pending = _Pending(
             indices, moved(state["d0"]), moved(state["block_d0"]), moved(state["block_d1"]), int(state["count"])
         )
+
+    def _probe_state(self) -> dict[str, Any] | None:
+        """The noise probe in progress; before its fresh slope is measured it needs ``theta_t``."""
+        probe = self._probe
+        if probe is None:
+            return None
+        state: dict[str, Any] = {"keys": list(probe.keys), "d0": list(probe.d0), "d1": list(probe.d1)}
+        if probe.fresh is not None:
+            state["fresh"] = probe.fresh
+        else:
+            state["indices"] = list(self._positions(probe.params, self._params()))
+            state["snapshot"] = list(self._snapshot)
+        return state
+
+    def _load_probe(self, state: dict[str, Any] | None) -> None:
+        self._probe = None
+        if state is None:
+            return
+        keys, d0, d1 = [int(k) for k in state["keys"]], [float(v) for v in state["d0"]], [float(v) for v in state["d1"]]
+        if "fresh" in state:
+            self._probe = _NoiseProbe([], keys, d0, d1, state["fresh"].clone())
+            return
+        indices = tuple(int(i) for i in state["indices"])
+        params = self._restore_snapshot(indices, state["snapshot"], "noise measurement")
+        self._probe = _NoiseProbe(params, keys, d0, d1)
+
+    def _restore_snapshot(self, indices: tuple[int, ...], saved: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """Load a checkpoint's snapshot of the parameters at ``indices``; return those parameters."""
+        params = self._params()
+        if len(indices) != len(saved) or any(i >= len(params) for i in indices):
+            raise ValueError(
+                f"the checkpoint's {what} does not match this optimizer's parameters: "
+                "load it into an optimizer built over the same parameters, in the same order."
+            )
+        chosen = [params[i] for i in indices]
+        self._snapshot = [
+            tensor.to(device=shard.device, dtype=shard.dtype, copy=True)
+            for shard, tensor in zip(_locals(chosen), saved)
+        ]
+        return chosen
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
