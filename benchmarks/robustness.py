@@ -85,6 +85,7 @@ from newt import Newt
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUICK_RATES = (1e-5, 1e-2, 1.0)
 QUICK_METHODS = ("adam", "newt-adam-taylor", "prodigy", "dog")
+NOISE_CAP_ABLATION = (0.0, 0.25, 1.0)  # the default is 0.5
 DEFAULT_NEWT = "newt-adam-taylor"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -137,6 +138,7 @@ class Method:
     takes_alpha0: bool
     build: Callable[[nn.Module, float, Context], Stepper]
     lr_free: bool = False  # a learning-rate-free peer (the targets compare against these)
+    ablation: bool = False  # a variant of a default option: run only when asked for by name
 
 
 def _methods() -> dict[str, Method]:
@@ -160,6 +162,21 @@ def _methods() -> dict[str, Method]:
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)
                 )
+        for cap in NOISE_CAP_ABLATION:  # the default strategy with other noise_correction caps
+
+            def build(m, lr, c, make=make, cap=cap) -> Stepper:
+                return NewtStepper(Newt(make(m.parameters(), lr), noise_correction=cap), False)
+
+            methods.append(
+                Method(
+                    f"newt-{inner}-taylor-nc{cap:g}",
+                    f"Newt({label}) taylor, lookahead, noise_correction={cap:g}",
+                    "newt",
+                    True,
+                    build,
+                    ablation=True,
+                )
+            )
         methods.append(
             Method(
                 f"gen-official-{inner}",
@@ -482,8 +499,16 @@ def _nan(values: list[float | None]) -> list[float]:
 
 
 def select_methods(patterns: list[str]) -> list[str]:
-    """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``)."""
-    keys = [key for key in METHODS if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
+    """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``).
+
+    Ablations (other values of a default option) match only a pattern that names them
+    explicitly (one containing ``-nc``), so ``*`` is the main comparison.
+    """
+    keys = [
+        key
+        for key in METHODS
+        if any(fnmatch.fnmatchcase(key, p) and (not METHODS[key].ablation or "-nc" in p) for p in patterns)
+    ]
     if not keys:
         raise SystemExit(f"no method matches {patterns}; the methods are: {', '.join(METHODS)}")
     return keys
