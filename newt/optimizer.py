@@ -306,6 +306,9 @@ class Newt(torch.optim.Optimizer):
         self._pending: _Pending | None = None
         self._noise = NoiseEstimate(self.noise_correction)
         self._probe: _NoiseProbe | None = None
+        # Lazy updates: a rate increase held back from the plain steps until the next lookahead
+        # step, as (unit groups, adapted rates).
+        self._deferred: tuple[list[int], list[float]] | None = None
 
     # ------------------------------------------------------------------ the step
 
@@ -392,7 +395,11 @@ class Newt(torch.optim.Optimizer):
             _kernels.copy_(local, snapshot, foreach=self.foreach)
         elif self.noise_correction > 0.0:  # theta_{t+1} stays: a fresh batch can measure there
             self._probe = _NoiseProbe(active, keys, d0s, d1s)
+        deferred = None
+        if self.update_every > 1:
+            proposals, deferred = self._hold_growth(unit_groups, proposals)
         self._finish(f0_value, f1_value, d0s, d1s, unit_groups, proposals, rejected=rejected, noise=noise)
+        self._deferred = deferred
         return loss
 
     def _plain_step(self, closure: Callable[[], Any]) -> Any:
@@ -406,6 +413,22 @@ class Newt(torch.optim.Optimizer):
         self._guarded_inner_step(active)
         self._finish_plain(float(f0))
         return loss
+
+    def _hold_growth(
+        self, unit_groups: list[int], proposals: list[Proposal]
+    ) -> tuple[list[Proposal], tuple[list[int], list[float]] | None]:
+        """Lazy updates: keep a rate increase from the plain steps until a lookahead step tests it.
+
+        A lookahead step checks the rate it used (a spike is undone); the plain steps after it
+        cannot be undone. A larger rate proposed there is first used by the next lookahead
+        step, and the plain steps in between keep the rate just tested. A decrease applies at
+        once. Returns the proposals for the plain steps and the deferred rates, if any.
+        """
+        rates = self._rates.groups
+        if all(p.alpha <= rates[g].adapted for g, p in zip(unit_groups, proposals)):
+            return proposals, None
+        held = [Proposal(min(p.alpha, rates[g].adapted), p.decision) for g, p in zip(unit_groups, proposals)]
+        return held, (list(unit_groups), [p.alpha for p in proposals])
 
     def _closure_free_step(self) -> None:
         if self._loss_free_rule is None:
@@ -643,12 +666,8 @@ class Newt(torch.optim.Optimizer):
         rates = self._rates.groups
         noise = noise or [0.0] * len(unit_groups)
         before = [rate.used for rate in rates]
-        if self.per_group:
-            for g, proposal in zip(unit_groups, proposals):
-                rates[g].adapted = proposal.alpha
-        else:
-            self._rates.scale_all(unit_groups[0], proposals[0].alpha)
-        self._rates.write(self.param_groups)
+        self._deferred = None  # a newer decision supersedes a held-back increase
+        self._set_adapted(unit_groups, [p.alpha for p in proposals])
         after = [rate.used for rate in rates]
         reference = max(range(len(unit_groups)), key=lambda u: before[unit_groups[u]])
         groups = None
@@ -672,10 +691,24 @@ class Newt(torch.optim.Optimizer):
         self._steps += 1
         self._rejected += int(rejected)
 
+    def _set_adapted(self, unit_groups: list[int], alphas: list[float]) -> None:
+        """Give each unit its new adapted rate (one global rate: scale every group) and write them."""
+        if self.per_group:
+            for g, alpha in zip(unit_groups, alphas):
+                self._rates.groups[g].adapted = alpha
+        else:
+            self._rates.scale_all(unit_groups[0], alphas[0])
+        self._rates.write(self.param_groups)
+
     def _finish_plain(self, f0: float) -> None:
         alpha = max(rate.used for rate in self._rates.groups)
-        self.step_info = StepInfo(f0, math.nan, math.nan, math.nan, alpha, alpha, Decision.PLAIN)
         self._steps += 1
+        if self._deferred is not None and self._steps % self.update_every == 0:
+            # the next step is a lookahead step: it uses, and so tests, the held-back rate
+            self._set_adapted(*self._deferred)
+            self._deferred = None
+        alpha_next = max(rate.used for rate in self._rates.groups)
+        self.step_info = StepInfo(f0, math.nan, math.nan, math.nan, alpha, alpha_next, Decision.PLAIN)
 
     def _reject_before_step(self, f0: torch.Tensor | None, unit_groups: list[int]) -> None:
         """A non-finite loss or gradient at ``theta_t``: skip the inner step, shrink the rate."""
@@ -730,6 +763,7 @@ class Newt(torch.optim.Optimizer):
             "rates": self._rates.state_dict(),
             "pending": self._pending_state(),
             "noise": {"averages": self._noise.state_dict(), "probe": self._probe_state()},
+            "deferred": None if self._deferred is None else [list(self._deferred[0]), list(self._deferred[1])],
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -763,6 +797,8 @@ class Newt(torch.optim.Optimizer):
         self._noise = NoiseEstimate(self.noise_correction)
         self._noise.load_state_dict(noise_state.get("averages", []))
         self._load_probe(noise_state.get("probe"))
+        deferred = newt_state.get("deferred")
+        self._deferred = None if deferred is None else ([int(g) for g in deferred[0]], [float(a) for a in deferred[1]])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -84,7 +84,31 @@ def test_lazy_updates_adapt_every_k_steps_and_take_plain_inner_steps_in_between(
     adapting = [i for i, d in enumerate(decisions) if d != Decision.PLAIN]
     assert adapting == [0, 3, 6]
     assert rates_used[1] == rates_used[2] and rates_used[4] == rates_used[5]  # constant inside a block
-    assert rates_used[1] != rates_used[0]
+    assert rates_used[3] != rates_used[0] and rates_used[6] != rates_used[3]  # adapted at each lookahead
+    # The plain steps use the rate the lookahead step just tested, or the new one if smaller
+    # (a larger one is first tested by the next lookahead step).
+    assert rates_used[1] == min(rates_used[0], rates_used[3])
+    assert rates_used[4] == min(rates_used[3], rates_used[6])
+
+
+@pytest.mark.parametrize("start", ["too small", "too large"])
+def test_lazy_updates_hold_an_increase_back_until_the_next_lookahead_step(start):
+    # SGD on a quadratic: the step's line minimiser is g.g / g.A.g in closed form.
+    a, b, x = _quadratic(seed=2)
+    g = _grad(a, b, x)
+    minimiser = float(g @ g / (g @ a @ g))
+    alpha0 = minimiser / 8 if start == "too small" else minimiser * 1.5  # 1.5x: no loss spike
+    opt = Newt(torch.optim.SGD([x], lr=alpha0), strategy="retsinas", update_every=3, gamma=1.0, **WIDE)
+    used = []
+    for _ in range(4):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step(lambda: _backward(opt, a, b, x))
+    assert used[0] == alpha0
+    assert used[3] == pytest.approx(minimiser, rel=1e-9)  # the next lookahead step uses the new rate
+    if start == "too small":
+        assert used[1] == used[2] == alpha0  # the plain steps keep the tested rate
+    else:
+        assert used[1] == used[2] == pytest.approx(minimiser, rel=1e-9)  # a decrease applies at once
 
 
 # ---------------------------------------------------------------- closure-free mode

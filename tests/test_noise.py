@@ -130,9 +130,10 @@ def _batch_grad(a, y, idx, x):
 def _reference_rates(a, y, batches, x0, alpha0, cap, gamma, update_every, options):
     """Newt(SGD, taylor) with the noise correction, written out from the formulas.
 
+    Lazy updates: the plain steps use the smaller of the rate just tested and the new one.
     Returns the rate used by every step and the noise share of every lookahead step.
     """
-    x, alpha = x0.clone(), alpha0
+    x, alpha, plain_alpha = x0.clone(), alpha0, alpha0
     excess = scale = 0.0
     probe = None  # (x before the step, d0, d1) of the last lookahead step
     fresh = None  # (d0, d1, fresh d1) waiting for the next lookahead step
@@ -142,11 +143,12 @@ def _reference_rates(a, y, batches, x0, alpha0, cap, gamma, update_every, option
         if probe is not None:  # the first closure step after a lookahead step measures
             x_prev, p0, p1 = probe
             fresh, probe = (p0, p1, float(g0 @ (x_prev - x))), None
+        if t % update_every:  # a plain step
+            rates.append(plain_alpha)
+            x = x - plain_alpha * g0
+            continue
         rates.append(alpha)
         step = alpha * g0
-        if t % update_every:  # a plain step
-            x = x - step
-            continue
         if fresh is not None:
             p0, p1, f = fresh
             excess = AVERAGING * excess + (1 - AVERAGING) * (p1 - f)
@@ -160,7 +162,8 @@ def _reference_rates(a, y, batches, x0, alpha0, cap, gamma, update_every, option
         s = share * d0
         curvature = 2.0 * ((f0 - (f1 + s)) - (d1 - s))
         proposed = alpha * (1.0 + gamma * (d1 - s) / curvature)
-        alpha = min(max(proposed, alpha / options["max_factor"]), alpha * options["max_factor"])
+        next_alpha = min(max(proposed, alpha / options["max_factor"]), alpha * options["max_factor"])
+        alpha, plain_alpha = next_alpha, min(alpha, next_alpha)
         probe = (x, d0, d1)
         x = x_next
     return rates, shares
