@@ -75,7 +75,8 @@ class StepInfo:
         alpha: The rate the step used (the largest group's learning rate). In closure-free
             mode: the rate of the steps just measured (the previous step, or block).
         alpha_next: The rate the next step will use. In closure-free mode the rate is adapted
-            at the start of ``step()``, so this step's own inner step already used it.
+            at the start of ``step()``, so this step's own inner step already used it. With lazy
+            updates a larger rate is held back for the plain steps (see ``update_every``).
         decision: Why the rule chose ``alpha_next`` (a :class:`newt.Decision`, a ``str``);
             ``"plain"`` when the step did not adapt the rate (lazy updates, closure-free blocks).
         rejected: True when the step was undone: the parameters are back at ``theta_t`` (see
@@ -170,7 +171,9 @@ class Newt(torch.optim.Optimizer):
             one extra host synchronisation per step, before the inner step.
         update_every: Adapt the rate every ``update_every`` steps only (lazy updates). With a
             closure, the other steps are plain inner steps with a single closure call (cost
-            ``1 + 1/update_every`` passes per step). Without a closure, the rate is adapted from
+            ``1 + 1/update_every`` passes per step); a rate increase is first used by the next
+            lookahead step, which can undo it, and the plain steps before it keep the rate
+            just tested. Without a closure, the rate is adapted from
             the sums of the measurements over each block of ``update_every`` steps, which
             averages out mini-batch noise (Retsinas et al.).
         per_group: Adapt each param group's rate from its own ``d0``/``d1`` sums, instead of one
