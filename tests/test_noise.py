@@ -294,16 +294,19 @@ def test_other_parameters_moving_discard_the_measurement():
     extra = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = Newt(torch.optim.SGD([x, extra], lr=0.01))
     _noisy_run(batches, a, y, x, opt, 5)  # extra gets no gradient: only x moves
-    share_before = opt._noise.fraction(-1)
+    averages_before = opt.state_dict()["newt"]["noise"]["averages"]
+    assert averages_before  # the estimate has observations to lose
 
-    def with_extra():
+    def with_extra(idx):
         opt.zero_grad()
-        loss = _batch_loss(a, y, batches[5], x) + (extra**2).sum()
+        loss = _batch_loss(a, y, idx, x) + ((extra - 1.0) ** 2).sum()
         loss.backward()
         return loss
 
-    opt.step(with_extra)  # now two parameters move: the probe of one cannot be measured
-    assert opt._noise.fraction(-1) == share_before
+    opt.step(lambda: with_extra(batches[5]))  # two parameters move: the probe of one cannot be measured
+    assert opt.state_dict()["newt"]["noise"]["averages"] == averages_before
+    opt.step(lambda: with_extra(batches[6]))  # the same two again: the last step's probe is measured
+    assert opt.state_dict()["newt"]["noise"]["averages"] != averages_before
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan])
