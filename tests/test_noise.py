@@ -123,6 +123,18 @@ def _batch_loss(a, y, idx, x):
     return 0.5 * (r @ r) / len(idx)
 
 
+def _closure(opt, a, y, idx, x):
+    """The usual closure, on the mini-batch ``idx``."""
+
+    def closure():
+        opt.zero_grad()
+        loss = _batch_loss(a, y, idx, x)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def _batch_grad(a, y, idx, x):
     return a[idx].T @ (a[idx] @ x - y[idx]) / len(idx)
 
@@ -187,14 +199,7 @@ def test_rates_and_noise_shares_match_a_reference_loop_on_noisy_least_squares(ca
     )
     rates, shares = [], []
     for idx in batches:
-
-        def closure(idx=idx):
-            opt.zero_grad()
-            loss = _batch_loss(a, y, idx, x)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(_closure(opt, a, y, idx, x))
         rates.append(opt.step_info.alpha)
         if opt.step_info.decision != "plain":
             shares.append(opt.step_info.noise)
@@ -212,16 +217,9 @@ def test_a_deterministic_problem_measures_no_noise_and_trains_bit_for_bit_as_wit
     for cap in (0.0, 0.5):
         x = x0.clone().requires_grad_()
         opt = Newt(torch.optim.Adam([x], lr=1e-3), noise_correction=cap)
-
-        def closure(opt=opt, x=x):
-            opt.zero_grad()
-            loss = _batch_loss(a, y, everything, x)
-            loss.backward()
-            return loss
-
         history = []
         for _ in range(30):
-            opt.step(closure)
+            opt.step(_closure(opt, a, y, everything, x))
             history.append((opt.step_info.alpha, opt.step_info.noise))
         results.append((x.detach().clone(), history))
     (x_off, off), (x_on, on) = results
@@ -232,14 +230,7 @@ def test_a_deterministic_problem_measures_no_noise_and_trains_bit_for_bit_as_wit
 
 def _noisy_run(batches, a, y, x, opt, steps):
     for idx in batches[:steps]:
-
-        def closure(idx=idx):
-            opt.zero_grad()
-            loss = _batch_loss(a, y, idx, x)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(_closure(opt, a, y, idx, x))
 
 
 @pytest.mark.parametrize("update_every", [1, 2, 3])
