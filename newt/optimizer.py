@@ -411,8 +411,9 @@ class Newt(torch.optim.Optimizer):
         units, unit_groups = self._units(active)
         if self._stopped_before_step(f0, active, unit_groups):
             return loss
-        local = _locals(active)
-        self._probe = self._measure_fresh_slope(active, local, _locals([p.grad for p in active]), units)
+        if self._probe is not None and self._probe.fresh is None:  # right after a lookahead step
+            grads = _locals([p.grad for p in active])
+            self._probe = self._measure_fresh_slope(active, _locals(active), grads, units)
         self._guarded_inner_step(active)
         self._finish_plain(float(f0))
         return loss
