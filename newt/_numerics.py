@@ -40,6 +40,10 @@ class Decision(str, enum.Enum):
     """The step did not change the parameters at all (it vanished in their floating-point
     precision) although the gradient is not zero: the rate was too small to measure anything,
     so it grew by ``max_factor``."""
+    LINEAR = "linear"
+    """The curvature was below measurement noise while the loss went down along a nearly
+    straight line (the slope changed by less than a tenth over the step): the step was far too
+    small to see the minimum, so the rate grew by ``max_factor`` instead of being kept."""
     SPIKE = "spike"
     """The lookahead loss rose far above the starting loss (the step overshot): the rate was
     shrunk, as after a non-finite measurement."""

@@ -652,6 +652,8 @@ class Newt(torch.optim.Optimizer):
             if proposal.decision is Decision.NONCONVEX and d0 == 0.0 and d1 == 0.0 and self._vanished(grads):
                 # d = 0 exactly: theta did not move, and these are the gradients of theta_t
                 proposal = grown_rate(rate.adapted, options)
+            elif proposal.decision is Decision.NONCONVEX and _nearly_linear(d0_unit, d1_unit, f0, f1):
+                proposal = grown_rate(rate.adapted, options, Decision.LINEAR)
             proposals.append(proposal)
         return proposals, False
 
@@ -966,6 +968,24 @@ def _check_dense(params: list[torch.Tensor]) -> None:
             "Newt does not support sparse gradients (e.g. nn.Embedding(sparse=True)): use dense "
             "gradients (sparse=False)."
         )
+
+
+LINEAR_TOLERANCE = 0.1
+"""A descending step whose slope changed by less than this share of ``d0`` counts as nearly
+linear: a quadratic through it has its minimum beyond ``10 * alpha``."""
+
+
+def _nearly_linear(d0: float, d1: float, f0: float | None, f1: float | None) -> bool:
+    """The step went down a nearly straight line: far too short to measure any curvature.
+
+    The rules keep the rate when the curvature is not safely positive, which at a tiny rate it
+    never is: the curvature is below the measurement noise (float32 losses and gradients), so a
+    start at 1e-5 stayed there for dozens of steps. When the slope is positive and nearly
+    unchanged along the step (and the loss, where measured, did not rise) the minimum lies far
+    beyond; the spike policy backs off if growing goes too far.
+    """
+    descending = f0 is None or f1 <= f0
+    return d0 > 0.0 and abs(d0 - d1) <= LINEAR_TOLERANCE * d0 and descending
 
 
 def _split(items: list, units: list[list[int]]) -> list[list]:

@@ -306,7 +306,7 @@ def scheduled_proposal(
     return _bound(adapted, (1.0 - weight) * adapted + weight * target, options)
 
 
-def grown_rate(alpha: float, options: RuleOptions) -> Proposal:
+def grown_rate(alpha: float, options: RuleOptions, decision: Decision = Decision.VANISHED) -> Proposal:
     """The rate after a step that vanished: ``alpha * options.max_factor``, clamped.
 
     A step ``d = alpha * w`` can round to exactly zero in every parameter while ``w`` is not
@@ -316,7 +316,7 @@ def grown_rate(alpha: float, options: RuleOptions) -> Proposal:
     """
     if not (math.isfinite(alpha) and alpha > 0.0):
         return Proposal(options.alpha_min, Decision.NONFINITE)
-    return Proposal(clamp_alpha(alpha * options.max_factor, options.alpha_min, options.alpha_max), Decision.VANISHED)
+    return Proposal(clamp_alpha(alpha * options.max_factor, options.alpha_min, options.alpha_max), decision)
 
 
 def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:

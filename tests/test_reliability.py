@@ -302,3 +302,25 @@ def test_a_step_that_vanishes_in_float32_grows_the_rate_until_it_registers():
     assert decisions[:first_move] == [Decision.VANISHED] * first_move
     assert 2.0**first_move * 1e-10 * 4 >= 2.0**-24 > 2.0 ** (first_move - 1) * 1e-10 * 4
     assert float(_half_square(p.detach() - 3.0)) < 1e-3  # and then it trains
+
+
+def test_a_step_too_short_to_measure_curvature_grows_the_rate_instead_of_keeping_it():
+    # A float32 loss offset by 1000 resolves differences of 6e-5 only: from alpha = 1e-6 the
+    # loss drop along the step (about 2e-5) is below that, so taylor's loss-based curvature is
+    # noise and reads "not convex" most of the time. The slope, though, is nearly unchanged
+    # along the step (h alpha ~ 1e-6 of it): the line minimum at alpha = 1 / h = 1 lies far
+    # beyond, and the rate doubles (max_factor) instead of being kept.
+    p = nn.Parameter(torch.zeros(64))
+    target = torch.linspace(-1.0, 1.0, 64)
+    opt = Newt(torch.optim.SGD([p], lr=1e-6), strategy="taylor", max_factor=2.0, noise_correction=0.0)
+    rates, decisions = [], []
+    for _ in range(30):
+        opt.step(_closure(opt, p, loss_fn=lambda q: 1000.0 + _half_square(q - target)))
+        rates.append(opt.step_info.alpha_next)
+        decisions.append(opt.step_info.decision)
+    assert Decision.LINEAR in decisions
+    assert Decision.NONCONVEX not in decisions[: decisions.index(Decision.NEWTON, 5)]  # never stuck
+    # Doubling from 1e-6 reaches 1/2 after log2(5e5) ~ 19 updates, and no rule can be faster.
+    reached = next(t for t, rate in enumerate(rates) if rate >= 0.5)
+    assert 18 <= reached <= 21
+    assert 0.5 <= rates[-1] <= 1.0 + 1e-6  # the Newton steps then close in on 1 / h from below
