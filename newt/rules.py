@@ -307,12 +307,14 @@ def scheduled_proposal(
 
 
 def grown_rate(alpha: float, options: RuleOptions, decision: Decision = Decision.VANISHED) -> Proposal:
-    """The rate after a step that vanished: ``alpha * options.max_factor``, clamped.
+    """The rate after a step too small to measure anything: ``alpha * options.max_factor``, clamped.
 
-    A step ``d = alpha * w`` can round to exactly zero in every parameter while ``w`` is not
-    zero (``alpha`` far below the parameters' relative precision). Then ``D0 = D1 = 0`` and the
-    rules, which see a zero direction, would keep ``alpha`` forever. ``Newt`` tells the two
-    cases apart by the gradient and, when it is not zero, grows the rate instead.
+    Two cases, both told apart from a genuine "not convex" by ``Newt``, which records
+    ``decision``. ``"vanished"``: a step ``d = alpha * w`` can round to exactly zero in every
+    parameter while ``w`` is not zero (``alpha`` far below the parameters' relative precision);
+    then ``D0 = D1 = 0`` and the rules, which see a zero direction, would keep ``alpha`` forever.
+    ``"linear"``: the step went down a nearly straight line, its curvature below the resolution
+    of the measurements, and the rules would keep ``alpha`` for as long as that lasts.
     """
     if not (math.isfinite(alpha) and alpha > 0.0):
         return Proposal(options.alpha_min, Decision.NONFINITE)
