@@ -981,11 +981,14 @@ def _nearly_linear(d0: float, d1: float, f0: float | None, f1: float | None) -> 
     The rules keep the rate when the curvature is not safely positive, which at a tiny rate it
     never is: the curvature is below the measurement noise (float32 losses and gradients), so a
     start at 1e-5 stayed there for dozens of steps. When the slope is positive and nearly
-    unchanged along the step (and the loss, where measured, did not rise) the minimum lies far
-    beyond; the spike policy backs off if growing goes too far.
+    unchanged along the step and the loss did not rise, the minimum lies far beyond; the spike
+    policy backs off if growing goes too far. Without the losses (closure-free mode) nothing
+    confirms the descent: there, after an overshoot, the slopes of two batches can agree while
+    the loss climbs, and growing made the rate run away (digits, ``gen``), so the rate is kept.
     """
-    descending = f0 is None or f1 <= f0
-    return d0 > 0.0 and abs(d0 - d1) <= LINEAR_TOLERANCE * d0 and descending
+    if f0 is None or f1 is None:
+        return False
+    return d0 > 0.0 and abs(d0 - d1) <= LINEAR_TOLERANCE * d0 and f1 <= f0
 
 
 def _split(items: list, units: list[list[int]]) -> list[list]:

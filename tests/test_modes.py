@@ -141,6 +141,25 @@ def test_closure_free_step_lands_on_the_line_minimiser_of_the_previous_step(stra
     assert torch.allclose(x.detach(), x1 - expected * g1, rtol=0, atol=1e-12)
 
 
+def test_a_nearly_linear_step_grows_the_rate_only_where_the_losses_confirm_descent():
+    # At alpha = 1e-13 the slope changes by about 1e-13 of itself along the step, below the
+    # rules' eps (1e-8): retsinas (slopes only, so no float64 loss round-off) reads "not convex". With the losses (lookahead) the step is seen to
+    # descend and the rate doubles; closure-free mode has no loss to confirm that, so it keeps it.
+    a, b, x = _quadratic(4)
+    opt = Newt(torch.optim.SGD([x], lr=1e-13), strategy="retsinas", alpha_min=1e-16)
+    opt.step(lambda: _backward(opt, a, b, x))
+    assert opt.step_info.decision == Decision.LINEAR and opt.step_info.f1 < opt.step_info.f0
+    assert opt.param_groups[0]["lr"] == 2e-13
+
+    a, b, x = _quadratic(4)
+    opt = Newt(torch.optim.SGD([x], lr=1e-13), strategy="retsinas", alpha_min=1e-16)
+    for _ in range(2):  # the first closure-free step only records its direction
+        _backward(opt, a, b, x)
+        opt.step()
+    assert opt.step_info.decision == Decision.NONCONVEX
+    assert opt.param_groups[0]["lr"] == 1e-13
+
+
 def test_closure_free_blocks_adapt_from_the_sums_over_each_block():
     a, b, x = _quadratic(7)
     k = 3
