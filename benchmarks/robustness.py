@@ -85,7 +85,10 @@ from newt import Newt
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUICK_RATES = (1e-5, 1e-2, 1.0)
 QUICK_METHODS = ("adam", "newt-adam-taylor", "prodigy", "dog")
-NOISE_CAP_ABLATION = (0.0, 0.25, 1.0)  # the default is 0.5
+ABLATIONS = {"nc": ("noise_correction", (0.0, 0.25, 1.0)), "st": ("spike_threshold", (0.2, 1.0))}
+"""Other values of a default option (noise_correction 0.5, spike_threshold 0.5) for the default
+strategy in lookahead mode: methods ``newt-<inner>-taylor-<tag><value>``, run only when a pattern
+names their tag (``-nc`` or ``-st``)."""
 DEFAULT_NEWT = "newt-adam-taylor"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -138,7 +141,7 @@ class Method:
     takes_alpha0: bool
     build: Callable[[nn.Module, float, Context], Stepper]
     lr_free: bool = False  # a learning-rate-free peer (the targets compare against these)
-    ablation: bool = False  # a variant of a default option: run only when asked for by name
+    ablation: str | None = None  # a variant of a default option (its tag): run only when asked for by name
 
 
 def _methods() -> dict[str, Method]:
@@ -162,21 +165,22 @@ def _methods() -> dict[str, Method]:
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)
                 )
-        for cap in NOISE_CAP_ABLATION:  # the default strategy with other noise_correction caps
+        for tag, (option, values) in ABLATIONS.items():
+            for value in values:
 
-            def build(m, lr, c, make=make, cap=cap) -> Stepper:
-                return NewtStepper(Newt(make(m.parameters(), lr), noise_correction=cap), False)
+                def build(m, lr, c, make=make, option=option, value=value) -> Stepper:
+                    return NewtStepper(Newt(make(m.parameters(), lr), **{option: value}), False)
 
-            methods.append(
-                Method(
-                    f"newt-{inner}-taylor-nc{cap:g}",
-                    f"Newt({label}) taylor, lookahead, noise_correction={cap:g}",
-                    "newt",
-                    True,
-                    build,
-                    ablation=True,
+                methods.append(
+                    Method(
+                        f"newt-{inner}-taylor-{tag}{value:g}",
+                        f"Newt({label}) taylor, lookahead, {option}={value:g}",
+                        "newt",
+                        True,
+                        build,
+                        ablation=f"-{tag}",
+                    )
                 )
-            )
         methods.append(
             Method(
                 f"gen-official-{inner}",
@@ -502,12 +506,12 @@ def select_methods(patterns: list[str]) -> list[str]:
     """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``).
 
     Ablations (other values of a default option) match only a pattern that names them
-    explicitly (one containing ``-nc``), so ``*`` is the main comparison.
+    explicitly (one containing their tag, ``-nc`` or ``-st``), so ``*`` is the main comparison.
     """
     keys = [
         key
         for key in METHODS
-        if any(fnmatch.fnmatchcase(key, p) and (not METHODS[key].ablation or "-nc" in p) for p in patterns)
+        if any(fnmatch.fnmatchcase(key, p) and (not METHODS[key].ablation or METHODS[key].ablation in p) for p in patterns)
     ]
     if not keys:
         raise SystemExit(f"no method matches {patterns}; the methods are: {', '.join(METHODS)}")

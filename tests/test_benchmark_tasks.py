@@ -176,3 +176,12 @@ def test_the_table_ranks_by_the_worst_initial_rate() -> None:
     worst = [float(row.split(" | ")[4]) for row in rows]
     assert worst == sorted(worst)
     assert "Best tuned plain optimizer: Adam" in text
+
+
+def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
+    everything = robustness.select_methods(["*"])
+    assert not any(METHODS[key].ablation for key in everything)
+    spike = robustness.select_methods(["newt-sgd-*-st*"])
+    assert spike == ["newt-sgd-taylor-st0.2", "newt-sgd-taylor-st1"]
+    stepper = METHODS["newt-sgd-taylor-st0.2"].build(torch.nn.Linear(1, 1), 0.1, None)
+    assert stepper.optimizer.spike_threshold == 0.2 and stepper.optimizer.noise_correction == 0.5
