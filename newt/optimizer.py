@@ -652,7 +652,11 @@ class Newt(torch.optim.Optimizer):
             if proposal.decision is Decision.NONCONVEX and d0 == 0.0 and d1 == 0.0 and self._vanished(grads):
                 # d = 0 exactly: theta did not move, and these are the gradients of theta_t
                 proposal = grown_rate(rate.adapted, options)
-            elif proposal.decision is Decision.NONCONVEX and _nearly_linear(d0_unit, d1_unit, f0, f1):
+            elif (
+                rule in BUILTIN_RULES  # a custom rule's "nonconvex" is its own choice
+                and proposal.decision is Decision.NONCONVEX
+                and _nearly_linear(d0_unit, d1_unit, f0, f1)
+            ):
                 proposal = grown_rate(rate.adapted, options, Decision.LINEAR)
             proposals.append(proposal)
         return proposals, False

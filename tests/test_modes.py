@@ -160,6 +160,17 @@ def test_a_nearly_linear_step_grows_the_rate_only_where_the_losses_confirm_desce
     assert opt.param_groups[0]["lr"] == 1e-13
 
 
+def test_a_custom_rule_that_keeps_the_rate_on_a_nearly_linear_step_is_obeyed():
+    def keep(alpha, f0, f1, d0, d1, options):
+        return alpha, "nonconvex"
+
+    a, b, x = _quadratic(4)
+    opt = Newt(torch.optim.SGD([x], lr=1e-13), strategy=keep, alpha_min=1e-16)
+    opt.step(lambda: _backward(opt, a, b, x))
+    assert opt.step_info.decision == Decision.NONCONVEX and opt.step_info.f1 < opt.step_info.f0
+    assert opt.param_groups[0]["lr"] == 1e-13
+
+
 def test_closure_free_blocks_adapt_from_the_sums_over_each_block():
     a, b, x = _quadratic(7)
     k = 3
