@@ -508,11 +508,12 @@ def select_methods(patterns: list[str]) -> list[str]:
     Ablations (other values of a default option) match only a pattern that names them
     explicitly (one containing their tag, ``-nc`` or ``-st``), so ``*`` is the main comparison.
     """
-    keys = [
-        key
-        for key in METHODS
-        if any(fnmatch.fnmatchcase(key, p) and (not METHODS[key].ablation or METHODS[key].ablation in p) for p in patterns)
-    ]
+
+    def selects(pattern: str, key: str) -> bool:
+        tag = METHODS[key].ablation
+        return fnmatch.fnmatchcase(key, pattern) and (tag is None or tag in pattern)
+
+    keys = [key for key in METHODS if any(selects(p, key) for p in patterns)]
     if not keys:
         raise SystemExit(f"no method matches {patterns}; the methods are: {', '.join(METHODS)}")
     return keys

@@ -143,8 +143,9 @@ def test_closure_free_step_lands_on_the_line_minimiser_of_the_previous_step(stra
 
 def test_a_nearly_linear_step_grows_the_rate_only_where_the_losses_confirm_descent():
     # At alpha = 1e-13 the slope changes by about 1e-13 of itself along the step, below the
-    # rules' eps (1e-8): retsinas (slopes only, so no float64 loss round-off) reads "not convex". With the losses (lookahead) the step is seen to
-    # descend and the rate doubles; closure-free mode has no loss to confirm that, so it keeps it.
+    # rules' eps (1e-8): retsinas (slopes only, so no float64 loss round-off) reads "not
+    # convex". With the losses (lookahead) the step is seen to descend and the rate doubles;
+    # closure-free mode has no loss to confirm that, so it keeps it.
     a, b, x = _quadratic(4)
     opt = Newt(torch.optim.SGD([x], lr=1e-13), strategy="retsinas", alpha_min=1e-16)
     opt.step(lambda: _backward(opt, a, b, x))
