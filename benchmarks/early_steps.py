@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from benchmarks.robustness import batch_generator
 from benchmarks.tasks import TASKS, loss_fn
 
 # (rate of the first steps, how many of them); (rate, 0) is the baseline at ``--rate``.
@@ -28,7 +29,7 @@ def train(task_name: str, first_rate: float, first_steps: int, rate: float, step
     task = TASKS[task_name]
     data = task.load()
     model = task.model(seed)
-    batches = torch.Generator().manual_seed(10_000 + seed)  # the robustness sweep's batch sequence
+    batches = batch_generator(seed)  # the robustness sweep's batch sequence
     opt = torch.optim.Adam(model.parameters(), lr=first_rate if first_steps else rate)
     model.train()
     for step in range(steps):

@@ -229,13 +229,18 @@ class Job:
     budget: float
 
 
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator of a seed's batch sequence: every method with that seed sees the same batches."""
+    return torch.Generator().manual_seed(10_000 + seed)
+
+
 def run(job: Job) -> dict[str, Any]:
     """Train one method from one initial rate until the budget is spent; evaluate; time it."""
     task, method = TASKS[job.task], METHODS[job.method]
     data = task.load()
     model = task.model(job.seed)
     # The same initialisation and the same batch sequence for every method with a given seed.
-    batches = torch.Generator().manual_seed(10_000 + job.seed)
+    batches = batch_generator(job.seed)
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         return data.sample(batches, task.batch_size)
