@@ -89,10 +89,12 @@ ABLATIONS = {
     "nc": ("noise_correction", (0.0, 0.25, 1.0)),
     "st": ("spike_threshold", (0.5, 1.0)),
     "sa": ("start_armijo", (0.0, 0.05, 0.3)),
+    "ah": ("hold_on_ascent", (False,)),
 }
-"""Other values of a default option (noise_correction 0.5, spike_threshold 0.2, start_armijo 0.1)
-for the default strategy in lookahead mode: methods ``newt-<inner>-taylor-<tag><value>``, run only
-when a pattern names their tag (``-nc``, ``-st`` or ``-sa``)."""
+"""Other values of a default option (noise_correction 0.5, spike_threshold 0.2, start_armijo 0.1,
+hold_on_ascent True) for the default strategy in lookahead mode: methods
+``newt-<inner>-taylor-<tag><value>`` (``ah0``: the hold off), run only when a pattern names their
+tag (``-nc``, ``-st``, ``-sa`` or ``-ah``)."""
 DEFAULT_NEWT = "newt-adam-taylor"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -515,7 +517,7 @@ def select_methods(patterns: list[str]) -> list[str]:
     """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``).
 
     Ablations (other values of a default option) match only a pattern that names them
-    explicitly (one containing their tag: ``-nc``, ``-st`` or ``-sa``), so ``*`` is the main comparison.
+    explicitly (one containing their tag: ``-nc``, ``-st``, ``-sa`` or ``-ah``), so ``*`` is the main comparison.
     """
 
     def selects(pattern: str, key: str) -> bool:

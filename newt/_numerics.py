@@ -47,6 +47,9 @@ class Decision(str, enum.Enum):
     SPIKE = "spike"
     """The lookahead loss rose far above the starting loss (the step overshot): the rate was
     shrunk, as after a non-finite measurement."""
+    ASCENT = "ascent"
+    """The step's direction rose on its own batch (``d0 < 0``), and the rule's shrink was not
+    applied: the rate was kept (lookahead mode; see :func:`newt.rules.held_on_ascent`)."""
     INSUFFICIENT = "insufficient"
     """The initial rate was still unproven and the step fell short of Armijo's sufficient
     decrease (its loss fell by less than ``start_armijo`` times what its slope predicted): the

@@ -51,10 +51,12 @@ __all__ = [
     "gen_slopes",
     "grown_rate",
     "guard_custom_rule",
+    "held_on_ascent",
     "retsinas",
     "scheduled_proposal",
     "shrunk_rate",
     "spike_guard",
+    "sufficient_decrease",
     "taylor",
 ]
 
@@ -355,6 +357,24 @@ def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: R
     if not (all_finite(f0, f1) and f1 - f0 > threshold * abs(f0)):
         return None
     return shrunk_rate(alpha, options, Decision.SPIKE)
+
+
+def held_on_ascent(alpha: float, d0: float, proposal: Proposal) -> Proposal:
+    """The rate after a step whose direction went uphill on its own batch: not lowered.
+
+    ``d0 = <grad L(theta), d> < 0`` means the inner optimizer's direction (its momentum, its
+    preconditioner) rose along the batch it was measured on. The line's minimum then lies at a
+    negative rate, so every rule's Newton target is below zero and the factor clamp lowers the
+    rate by the whole ``max_factor``. That verdict is about the direction, not the step's size:
+    once mini-batch noise dominates, or after a rejected spike left its gradient in Adam's
+    moments, such steps come in runs, and each halved the rate (digits: from 0.2 to 2e-6 in a
+    dozen steps, never to recover). Returns ``Proposal(alpha, "ascent")`` when ``d0 < 0`` and
+    ``proposal`` would lower ``alpha``; otherwise ``proposal`` unchanged. Only the sign of
+    ``d0`` counts, so the test is scale-free.
+    """
+    if d0 < 0.0 and proposal.alpha < alpha:
+        return Proposal(alpha, Decision.ASCENT)
+    return proposal
 
 
 def guard_custom_rule(rule: Callable[..., object]) -> Rule:

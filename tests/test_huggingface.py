@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 START_LR = 1e-5
 SEQ_LEN = 64
 BATCH_SIZE = 8
-ADAPTED = {Decision.NEWTON, Decision.CLAMPED, Decision.NONCONVEX, Decision.LINEAR}
+ADAPTED = {Decision.NEWTON, Decision.CLAMPED, Decision.NONCONVEX, Decision.LINEAR, Decision.ASCENT}
 """Decisions of a step that adapted the rate from a finite measurement (not plain, not a fault)."""
 
 

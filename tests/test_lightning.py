@@ -53,7 +53,7 @@ START_LR = 1e-4
 """Adam's starting rate: small enough that Adam alone barely moves the loss in the steps below."""
 BATCH_SIZE = 128
 BATCHES_PER_EPOCH = 1797 // BATCH_SIZE  # 14, with drop_last=True
-ADAPTED = {Decision.NEWTON, Decision.CLAMPED, Decision.NONCONVEX, Decision.LINEAR}
+ADAPTED = {Decision.NEWTON, Decision.CLAMPED, Decision.NONCONVEX, Decision.LINEAR, Decision.ASCENT}
 """Decisions of a step that adapted the rate from a finite measurement (not plain, not a fault)."""
 
 

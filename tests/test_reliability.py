@@ -417,6 +417,42 @@ def test_a_step_that_vanishes_in_float32_grows_the_rate_until_it_registers():
     assert float(_half_square(p.detach() - 3.0)) < 1e-3  # and then it trains
 
 
+def _uphill_momentum_step(**options) -> tuple[Newt, nn.Parameter]:
+    """One step of ``Newt(SGD(momentum=0.9, lr=0.01))`` on ``|p|^2 / 2`` whose momentum points uphill.
+
+    A momentum buffer of ``-10 p`` (left by earlier batches) plus the gradient ``p`` makes the
+    buffer ``-8 p``: the step goes to ``1.08 p``, away from the minimum. Measured: ``D0 = -0.08
+    |p|^2``, ``f1 / f0 = 1.1664`` (below the spike threshold 0.2), ``D1 = -0.0864 |p|^2``; taylor's
+    curvature ``2 (f0 - f1 - D1) = 0.0064 |p|^2`` is positive and its target ``1 + 0.5 (-0.0864 /
+    0.0064) = -5.75`` times the rate is negative, so the factor clamp halves the rate.
+    """
+    p = _start()
+    inner = torch.optim.SGD([p], lr=0.01, momentum=0.9)
+    inner.state[p]["momentum_buffer"] = -10.0 * p.detach().clone()
+    opt = Newt(inner, strategy="taylor", max_factor=2.0, **options)
+    opt.step(_closure(opt, p, loss_fn=_half_square))
+    return opt, p
+
+
+def test_an_uphill_step_keeps_the_rate_in_lookahead_mode():
+    opt, p = _uphill_momentum_step()
+    info = opt.step_info
+    norm2 = float(_start().detach().pow(2).sum())
+    assert info.d0 == pytest.approx(-0.08 * norm2) and info.f1 / info.f0 == pytest.approx(1.1664)
+    assert info.decision == Decision.ASCENT and not info.rejected
+    assert info.alpha_next == opt.param_groups[0]["lr"] == 0.01
+    assert torch.allclose(p.detach(), 1.08 * _start().detach(), rtol=1e-15, atol=0.0)  # the step stands
+
+
+def test_without_the_hold_or_in_lazy_mode_an_uphill_step_halves_the_rate():
+    for options in ({"hold_on_ascent": False}, {"update_every": 2}):
+        opt, _ = _uphill_momentum_step(**options)
+        # update_every=2: the start is unproven (an uphill step is not judged), so this is a
+        # lookahead step too; lazy mode follows the rule
+        assert opt.step_info.decision == Decision.CLAMPED, options
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.005), options
+
+
 def test_a_step_too_short_to_measure_curvature_grows_the_rate_instead_of_keeping_it():
     # A float32 loss offset by 1000 resolves differences of 6e-5 only: from alpha = 1e-6 the
     # loss drop along the step (about 2e-5) is below that, so taylor's loss-based curvature is

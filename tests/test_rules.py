@@ -38,6 +38,7 @@ from newt.rules import (
     gen_slopes,
     grown_rate,
     guard_custom_rule,
+    held_on_ascent,
     retsinas,
     scheduled_proposal,
     shrunk_rate,
@@ -894,6 +895,45 @@ def test_sufficient_decrease_hand_examples():
     # 1e-9 a float32 loss of 2.3 does not change at all (f1 == f0) while d0 is 6e-13.
     assert sufficient_decrease(2.3, 2.3, 6e-13, 0.1, resolution=1e-5) is None
     assert sufficient_decrease(2.3, 2.3, 6e-13, 0.1) is False
+
+
+@all_rules
+@given(q=quadratic_lines(), k=st.integers(-40, 40))
+def test_every_rule_halves_the_rate_on_an_uphill_line_and_the_ascent_hold_keeps_it(rule, q, k):
+    # The mirror image of a convex quadratic line: g(a) = c + b a + h a^2 / 2 rises from a = 0,
+    # its minimiser -b/h is negative, and every rule's target with it, so the factor clamp binds
+    # (SPEC property 4: D1 < 0 lowers the rate). The hold keeps the rate; scaling the loss by a
+    # power of two changes nothing.
+    options = RuleOptions(max_factor=2.0, alpha_min=1e-300, alpha_max=1e300)
+    uphill = QuadLine(q.alpha, -q.b, q.h, q.c)
+    f0, f1, d0, d1 = (2.0**k * v for v in uphill.measurements())
+    assert d0 < 0.0 and d1 < 0.0
+    proposal = rule(q.alpha, f0, f1, d0, d1, options)
+    if rule is gen:
+        # gen averages toward its (negative) parabola minimum: lowered, possibly by less than 2
+        assert proposal.alpha < q.alpha
+    else:
+        assert proposal == Proposal(q.alpha / 2.0, Decision.CLAMPED)
+    assert held_on_ascent(q.alpha, d0, proposal) == Proposal(q.alpha, Decision.ASCENT)
+
+
+@all_rules
+@given(q=quadratic_lines())
+def test_the_ascent_hold_passes_every_downhill_proposal_through(rule, q):
+    options = RuleOptions(alpha_min=1e-300, alpha_max=1e300)
+    f0, f1, d0, d1 = q.measurements()
+    proposal = rule(q.alpha, f0, f1, d0, d1, options)
+    assert held_on_ascent(q.alpha, d0, proposal) is proposal
+
+
+@given(alpha=log_uniform(1e-8, 1e2), d0=any_float, proposed=any_float, decision=st.sampled_from(list(Decision)))
+def test_the_ascent_hold_only_ever_undoes_a_decrease_on_an_uphill_step(alpha, d0, proposed, decision):
+    proposal = Proposal(proposed, decision)
+    out = held_on_ascent(alpha, d0, proposal)
+    if d0 < 0.0 and proposed < alpha:
+        assert out == Proposal(alpha, Decision.ASCENT)
+    else:  # NaN d0 or proposal, a rise, or a downhill step: the rule's answer stands
+        assert out is proposal
 
 
 def test_spike_guard_hand_examples():
