@@ -9,6 +9,7 @@ the final training loss and test accuracy per initial rate and writes ``docs/img
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 from pathlib import Path
 
@@ -61,15 +62,26 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("docs/img/demo.png"))
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another Newt option, e.g. --option hold_on_ascent=False (a Python literal; repeatable)",
+    )
     args = parser.parse_args()
+    options = dict(_option(text, parser) for text in args.option)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     runs = {}
     jobs = [(lr, use_newt) for lr in args.rates for use_newt in (False, True)]
     for lr, use_newt in tqdm(jobs, desc=f"digits MLP, {args.inner}", unit="run"):
-        runs[lr, use_newt] = train(args.inner, lr, use_newt, args.steps, args.seed, strategy=args.strategy)
+        runs[lr, use_newt] = train(args.inner, lr, use_newt, args.steps, args.seed, strategy=args.strategy, **options)
 
-    print(f"\nDigits MLP, {args.steps} steps of 128, inner {args.inner}, strategy {args.strategy!r}, seed {args.seed}")
+    print(
+        f"\nDigits MLP, {args.steps} steps of 128, inner {args.inner}, strategy {args.strategy!r}, seed {args.seed}"
+        + "".join(f", {name}={value!r}" for name, value in options.items())
+    )
     print("| initial lr | plain: train loss | plain: test acc | Newt: train loss | Newt: test acc | Newt: final lr |")
     print("|---:|---:|---:|---:|---:|---:|")
     for lr in args.rates:
@@ -82,6 +94,16 @@ def main() -> None:
     best_plain = min(runs[lr, False]["train_loss"] for lr in args.rates)
     print(f"\nWorst Newt train loss over the rates: {worst:.4f}; best tuned plain: {best_plain:.4f}")
     plot(runs, args)
+
+
+def _option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    try:
+        if not (sep and name.isidentifier()):
+            raise ValueError
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parser.error(f"--option takes NAME=VALUE with a Python literal value, e.g. hold_on_ascent=False; got {text!r}")
 
 
 def plot(runs: dict, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ evaluations are counted right in each ``Newt`` mode (checked against closure cal
 
 from __future__ import annotations
 
+import argparse
 import math
 import socket
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import peers, robustness, tasks
+from benchmarks.demo import _option
 from benchmarks.peers import PassCounter
 from benchmarks.robustness import METHODS, Job, NewtStepper, run
 from newt import Newt
@@ -185,3 +187,12 @@ def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     assert spike == ["newt-sgd-taylor-st0.5", "newt-sgd-taylor-st1"]
     stepper = METHODS["newt-sgd-taylor-st0.5"].build(torch.nn.Linear(1, 1), 0.1, None)
     assert stepper.optimizer.spike_threshold == 0.5 and stepper.optimizer.noise_correction == 0.5
+
+
+def test_the_demo_passes_extra_newt_options_as_python_literals():
+    parser = argparse.ArgumentParser()
+    assert _option("hold_on_ascent=False", parser) == ("hold_on_ascent", False)
+    assert _option("spike_threshold=0.5", parser) == ("spike_threshold", 0.5)
+    for bad in ("hold_on_ascent", "=1", "x=not a literal"):
+        with pytest.raises(SystemExit):
+            _option(bad, parser)
