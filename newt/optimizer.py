@@ -178,7 +178,7 @@ class Newt(torch.optim.Optimizer):
         hold_on_ascent: In lookahead mode (a closure, ``update_every=1``), keep the rate after a
             step whose direction rose on its own batch (``D0 < 0``: the inner optimizer's
             momentum or preconditioner disagreed with the batch's gradient), where every rule
-            would lower it by ``max_factor``: that says the direction was wrong, not the step's
+            would lower it (the Newton rules by ``max_factor``): that says the direction was wrong, not the step's
             size, and runs of such steps collapsed the rate (decision ``"ascent"``; see
             :func:`newt.rules.held_on_ascent`). A loss spike still shrinks it. Built-in
             strategies only; lazy and closure-free modes always follow the rule.

@@ -364,13 +364,13 @@ def held_on_ascent(alpha: float, d0: float, proposal: Proposal) -> Proposal:
 
     ``d0 = <grad L(theta), d> < 0`` means the inner optimizer's direction (its momentum, its
     preconditioner) rose along the batch it was measured on. The line's minimum then lies at a
-    negative rate, so every rule's Newton target is below zero and the factor clamp lowers the
-    rate by the whole ``max_factor``. That verdict is about the direction, not the step's size:
-    once mini-batch noise dominates, or after a rejected spike left its gradient in Adam's
-    moments, such steps come in runs, and each halved the rate (digits: from 0.2 to 2e-6 in a
-    dozen steps, never to recover). Returns ``Proposal(alpha, "ascent")`` when ``d0 < 0`` and
-    ``proposal`` would lower ``alpha``; otherwise ``proposal`` unchanged. Only the sign of
-    ``d0`` counts, so the test is scale-free.
+    negative rate, every rule's target is below zero, and every rule lowers the rate (the Newton
+    rules by the whole ``max_factor``, ``gen`` by its smoothing's share). That verdict is about
+    the direction, not the step's size: once mini-batch noise dominates, or after a rejected
+    spike left its gradient in Adam's moments, such steps come in runs, and each halved the rate
+    (digits: from 0.2 to 2e-6 in a dozen steps, where it stayed). Returns
+    ``Proposal(alpha, "ascent")`` when ``d0 < 0`` and ``proposal`` would lower ``alpha``;
+    otherwise ``proposal`` unchanged. Only the sign of ``d0`` counts, so the test is scale-free.
     """
     if d0 < 0.0 and proposal.alpha < alpha:
         return Proposal(alpha, Decision.ASCENT)
