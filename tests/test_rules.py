@@ -899,11 +899,11 @@ def test_sufficient_decrease_hand_examples():
 
 @all_rules
 @given(q=quadratic_lines(), k=st.integers(-40, 40))
-def test_every_rule_halves_the_rate_on_an_uphill_line_and_the_ascent_hold_keeps_it(rule, q, k):
+def test_every_rule_lowers_the_rate_on_an_uphill_line_and_the_ascent_hold_keeps_it(rule, q, k):
     # The mirror image of a convex quadratic line: g(a) = c + b a + h a^2 / 2 rises from a = 0,
-    # its minimiser -b/h is negative, and every rule's target with it, so the factor clamp binds
-    # (SPEC property 4: D1 < 0 lowers the rate). The hold keeps the rate; scaling the loss by a
-    # power of two changes nothing.
+    # its minimiser -b/h is negative, and every rule's target with it (SPEC property 4: D1 < 0
+    # lowers the rate); for the Newton rules the factor clamp binds. The hold keeps the rate.
+    # The loss is scaled by 2^k: the answers do not depend on it.
     options = RuleOptions(max_factor=2.0, alpha_min=1e-300, alpha_max=1e300)
     uphill = QuadLine(q.alpha, -q.b, q.h, q.c)
     f0, f1, d0, d1 = (2.0**k * v for v in uphill.measurements())
