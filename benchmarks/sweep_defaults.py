@@ -12,8 +12,8 @@ import math
 from benchmarks.demo import train
 
 # Measured before the loss-spike policy, the start-up Armijo test, the noise correction and the
-# hold on uphill steps existed: they are off here so the table in docs/benchmarks.md stays reproducible
-# (benchmarks/spike_policy.py measures the policy, and the robustness sweep the others).
+# hold on uphill steps existed: they are off here so the table in docs/benchmarks.md stays
+# reproducible (benchmarks/spike_policy.py measures the policy, and the robustness sweep the others).
 OFF = dict(spike_threshold=math.inf, start_armijo=0.0, noise_correction=0.0, hold_on_ascent=False)
 CONFIGS = {
     "taylor g=0.5 mf=10": dict(strategy="taylor", gamma=0.5, max_factor=10.0, **OFF),

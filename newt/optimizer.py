@@ -178,10 +178,10 @@ class Newt(torch.optim.Optimizer):
         hold_on_ascent: In lookahead mode (a closure, ``update_every=1``), keep the rate after a
             step whose direction rose on its own batch (``D0 < 0``: the inner optimizer's
             momentum or preconditioner disagreed with the batch's gradient), where every rule
-            would lower it (the Newton rules by ``max_factor``): that says the direction was wrong, not the step's
-            size, and runs of such steps collapsed the rate (decision ``"ascent"``; see
-            :func:`newt.rules.held_on_ascent`). A loss spike still shrinks it. Built-in
-            strategies only; lazy and closure-free modes always follow the rule.
+            would lower it (the Newton rules by ``max_factor``): that says the direction was
+            wrong, not the step's size, and runs of such steps collapsed the rate (decision
+            ``"ascent"``; see :func:`newt.rules.held_on_ascent`). A loss spike still shrinks
+            it. Built-in strategies only; lazy and closure-free modes always follow the rule.
         reject_nonfinite: Undo a step whose loss or gradients are NaN or infinite, so no
             non-finite number reaches the parameters. A non-finite loss or gradient at
             ``theta_t`` is caught before the inner step (which then does not run, so its state
@@ -686,7 +686,8 @@ class Newt(torch.optim.Optimizer):
         # Keeping the rate on an uphill step is safe only where every step is measured and a
         # spike undoes it: in lazy mode the plain steps in between ran at the kept rate unguarded
         # (digits, Adam: worst final loss 0.066 -> 0.65), and closure-free mode has no loss.
-        hold_ascents = self.hold_on_ascent and self.update_every == 1 and f0 is not None
+        # (built-in rules only: a custom rule's answer to an uphill step is its own choice)
+        hold_ascents = self.hold_on_ascent and self.update_every == 1 and f0 is not None and rule in BUILTIN_RULES
         proposals = []
         for rate, d0, d1, grads, share in zip(rates, d0s, d1s, grads_per_unit, noise or [0.0] * len(rates)):
             if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
@@ -712,7 +713,7 @@ class Newt(torch.optim.Optimizer):
                 and _nearly_linear(d0_unit, d1_unit, f0, f1)
             ):
                 proposal = grown_rate(rate.adapted, options, Decision.LINEAR)
-            if hold_ascents and rule in BUILTIN_RULES:
+            if hold_ascents:
                 proposal = held_on_ascent(rate.adapted, d0, proposal)
             proposals.append(proposal)
         return proposals, False
