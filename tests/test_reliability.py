@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from newt import Decision, Newt
+from newt.rules import taylor
 
 
 class InjectedFault(Exception):
@@ -429,7 +430,7 @@ def _uphill_momentum_step(**options) -> tuple[Newt, nn.Parameter]:
     p = _start()
     inner = torch.optim.SGD([p], lr=0.01, momentum=0.9)
     inner.state[p]["momentum_buffer"] = -10.0 * p.detach().clone()
-    opt = Newt(inner, strategy="taylor", max_factor=2.0, **options)
+    opt = Newt(inner, **{"strategy": "taylor", "max_factor": 2.0, **options})
     opt.step(_closure(opt, p, loss_fn=_half_square))
     return opt, p
 
@@ -444,8 +445,11 @@ def test_an_uphill_step_keeps_the_rate_in_lookahead_mode():
     assert torch.allclose(p.detach(), 1.08 * _start().detach(), rtol=1e-15, atol=0.0)  # the step stands
 
 
-def test_without_the_hold_or_in_lazy_mode_an_uphill_step_halves_the_rate():
-    for options in ({"hold_on_ascent": False}, {"update_every": 2}):
+def test_without_the_hold_in_lazy_mode_or_with_a_custom_rule_an_uphill_step_halves_the_rate():
+    def custom_taylor(*args):  # a custom rule's answer to an uphill step is its own choice
+        return taylor(*args)
+
+    for options in ({"hold_on_ascent": False}, {"update_every": 2}, {"strategy": custom_taylor}):
         opt, _ = _uphill_momentum_step(**options)
         # update_every=2: the start is unproven (an uphill step is not judged), so this is a
         # lookahead step too; lazy mode follows the rule
