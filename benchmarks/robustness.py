@@ -86,15 +86,16 @@ RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUICK_RATES = (1e-5, 1e-2, 1.0)
 QUICK_METHODS = ("adam", "newt-adam-taylor", "prodigy", "dog")
 ABLATIONS = {
-    "nc": ("noise_correction", (0.0, 0.25, 1.0)),
-    "st": ("spike_threshold", (0.5, 1.0)),
-    "sa": ("start_armijo", (0.0, 0.05, 0.3)),
-    "ah": ("hold_on_ascent", (False,)),
+    "nc": ("noise_correction", (0.0, 0.25, 1.0), ("taylor", "gen")),
+    "st": ("spike_threshold", (0.1, 0.5, 1.0), ("taylor", "gen")),
+    "sa": ("start_armijo", (0.0, 0.05, 0.3), ("taylor", "gen")),
+    "ah": ("hold_on_ascent", (False,), ("taylor", "gen")),
+    "sm": ("smoothing", (0.8, 0.95), ("gen",)),
 }
 """Other values of a default option (noise_correction 0.5, spike_threshold 0.2, start_armijo 0.1,
-hold_on_ascent True) for the default strategy in lookahead mode: methods
-``newt-<inner>-taylor-<tag><value>`` (``ah0``: the hold off), run only when a pattern names their
-tag (``-nc``, ``-st``, ``-sa`` or ``-ah``)."""
+hold_on_ascent True, smoothing 0.9) in lookahead mode, for the strategies listed: methods
+``newt-<inner>-<strategy>-<tag><value>`` (``ah0``: the hold off), run only when a pattern names
+their tag (``-nc``, ``-st``, ``-sa``, ``-ah`` or ``-sm``)."""
 DEFAULT_NEWT = "newt-adam-taylor"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -171,22 +172,23 @@ def _methods() -> dict[str, Method]:
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)
                 )
-        for tag, (option, values) in ABLATIONS.items():
-            for value in values:
+        for tag, (option, values, strategies) in ABLATIONS.items():
+            for strategy in strategies:
+                for value in values:
 
-                def build(m, lr, c, make=make, option=option, value=value) -> Stepper:
-                    return NewtStepper(Newt(make(m.parameters(), lr), **{option: value}), False)
+                    def build(m, lr, c, make=make, strategy=strategy, option=option, value=value) -> Stepper:
+                        return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **{option: value}), False)
 
-                methods.append(
-                    Method(
-                        f"newt-{inner}-taylor-{tag}{value:g}",
-                        f"Newt({label}) taylor, lookahead, {option}={value:g}",
-                        "newt",
-                        True,
-                        build,
-                        ablation=f"-{tag}",
+                    methods.append(
+                        Method(
+                            f"newt-{inner}-{strategy}-{tag}{value:g}",
+                            f"Newt({label}) {strategy}, lookahead, {option}={value:g}",
+                            "newt",
+                            True,
+                            build,
+                            ablation=f"-{tag}",
+                        )
                     )
-                )
         methods.append(
             Method(
                 f"gen-official-{inner}",
@@ -517,7 +519,8 @@ def select_methods(patterns: list[str]) -> list[str]:
     """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``).
 
     Ablations (other values of a default option) match only a pattern that names them
-    explicitly (one containing their tag: ``-nc``, ``-st``, ``-sa`` or ``-ah``), so ``*`` is the main comparison.
+    explicitly (one containing their tag: ``-nc``, ``-st``, ``-sa``, ``-ah`` or ``-sm``), so ``*``
+    is the main comparison.
     """
 
     def selects(pattern: str, key: str) -> bool:

@@ -183,10 +183,15 @@ def test_the_table_ranks_by_the_worst_initial_rate() -> None:
 def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     everything = robustness.select_methods(["*"])
     assert not any(METHODS[key].ablation for key in everything)
-    spike = robustness.select_methods(["newt-sgd-*-st*"])
-    assert spike == ["newt-sgd-taylor-st0.5", "newt-sgd-taylor-st1"]
+    spike = robustness.select_methods(["newt-sgd-taylor-st*"])
+    assert spike == ["newt-sgd-taylor-st0.1", "newt-sgd-taylor-st0.5", "newt-sgd-taylor-st1"]
     stepper = METHODS["newt-sgd-taylor-st0.5"].build(torch.nn.Linear(1, 1), 0.1, None)
     assert stepper.optimizer.spike_threshold == 0.5 and stepper.optimizer.noise_correction == 0.5
+    smoothing = robustness.select_methods(["newt-adam-*-sm*"])
+    assert smoothing == ["newt-adam-gen-sm0.8", "newt-adam-gen-sm0.95"]  # gen's option only
+    stepper = METHODS["newt-adam-gen-sm0.8"].build(torch.nn.Linear(1, 1), 0.1, None)
+    assert stepper.optimizer.options.smoothing == 0.8 and stepper.optimizer.options.gamma == 0.5
+    assert "gen" in repr(stepper.optimizer)
 
 
 def test_the_demo_passes_extra_newt_options_as_python_literals():
