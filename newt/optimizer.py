@@ -19,6 +19,7 @@ from newt.distributed import agree_all, agree_any, local_tensor, reduce_measurem
 from newt.rules import (
     DEFAULT_OPTIONS,
     LOSS_FREE_STRATEGIES,
+    SLOPE_FORMS,
     STRATEGIES,
     Decision,
     Proposal,
@@ -673,9 +674,10 @@ class Newt(torch.optim.Optimizer):
             return [shrunk_rate(rate.adapted, options) for rate in rates], self.reject_nonfinite
         if f0 is not None and spike_guard(1.0, f0, f1, self.spike_threshold, options) is not None:
             return [shrunk_rate(rate.adapted, options, Decision.SPIKE) for rate in rates], self.reject_spikes
+        # the rounding error of the loss values: a change below it is not measured
+        resolution = 0.0 if f0 is None else LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
         if f0 is not None and self._on_probation():
             # the raw d0, not the noise-corrected one: the test asks what this batch's line did
-            resolution = LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
             verdict = sufficient_decrease(f0, f1, math.fsum(d0s), self.start_armijo, resolution)
             if verdict is False:
                 return [shrunk_rate(rate.adapted, options, Decision.INSUFFICIENT) for rate in rates], True
@@ -694,12 +696,20 @@ class Newt(torch.optim.Optimizer):
                 proposals.append(Proposal(rate.adapted, Decision.PLAIN))
                 continue
             f1_unit, d0_unit, d1_unit = debiased(f1_, d0, d1, share) if share else (f1_, d0, d1)
+            unit_rule, f1_seen = rule, f1
+            if rule in BUILTIN_RULES and abs(d0) <= resolution:
+                # The step's predicted change is below the loss values' rounding, so f1 - f0 is
+                # rounding alone: gen read f1 == f0 as a parabola with its minimum at alpha / 2
+                # and halved a tiny start forever. The slopes still measure the line.
+                unit_rule, f1_seen = SLOPE_FORMS[rule], f0
             if rate.multiplier == 1.0:
-                proposal = rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
-            elif rule in BUILTIN_RULES:
-                proposal = scheduled_proposal(rule, rate.adapted, rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
+                proposal = unit_rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
+            elif unit_rule in BUILTIN_RULES:
+                proposal = scheduled_proposal(
+                    unit_rule, rate.adapted, rate.used, f0_, f1_unit, d0_unit, d1_unit, options
+                )
             else:  # a custom rule adapts the rate it saw used; the multiplier is taken back out
-                proposal = rule(rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
+                proposal = unit_rule(rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
                 proposal = Proposal(
                     clamp_alpha(proposal.alpha / rate.multiplier, options.alpha_min, options.alpha_max),
                     proposal.decision,
@@ -710,7 +720,7 @@ class Newt(torch.optim.Optimizer):
             elif (
                 rule in BUILTIN_RULES  # a custom rule's "nonconvex" is its own choice
                 and proposal.decision is Decision.NONCONVEX
-                and _nearly_linear(d0_unit, d1_unit, f0, f1)
+                and _nearly_linear(d0_unit, d1_unit, f0, f1_seen)
             ):
                 proposal = grown_rate(rate.adapted, options, Decision.LINEAR)
             if hold_ascents:

@@ -42,6 +42,7 @@ from newt._numerics import (
 __all__ = [
     "DEFAULT_OPTIONS",
     "LOSS_FREE_STRATEGIES",
+    "SLOPE_FORMS",
     "STRATEGIES",
     "Decision",
     "Proposal",
@@ -266,6 +267,12 @@ STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "taylor": taylor, "gen":
 LOSS_FREE_STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "gen": gen_slopes}
 """The rules usable without loss values (closure-free mode, per-group rates), by strategy name.
 ``retsinas`` never reads ``f0``/``f1``; ``gen`` becomes :func:`gen_slopes`."""
+
+SLOPE_FORMS: Mapping[Rule, Rule] = {retsinas: retsinas, taylor: retsinas, gen: gen_slopes, gen_slopes: gen_slopes}
+"""Each built-in rule's form that reads only the slopes, for a step whose loss values say nothing:
+``Newt`` applies it when the decrease the slope predicts is below the rounding of the loss values
+(a tiny rate, a large loss offset, a low-precision loss), where ``f1 - f0`` is rounding alone.
+``taylor`` with the curvature from the slopes, ``d0 - d1``, is ``retsinas``."""
 
 
 # rule -> (its ratio, whether the ratio is a Newton increment or a parabola minimiser)

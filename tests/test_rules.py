@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from newt.rules import (
     DEFAULT_OPTIONS,
+    SLOPE_FORMS,
     STRATEGIES,
     Decision,
     Proposal,
@@ -538,6 +539,19 @@ def test_every_undamped_rule_is_exact_on_a_quadratic_line(q):
         out = rule(q.alpha, *q.measurements(), undamped_wide())
         assert out.decision is Decision.NEWTON, rule.__name__
         assert out.alpha == pytest.approx(q.minimiser, rel=1e-9), rule.__name__
+
+
+@given(q=quadratic_lines(), gamma=st.floats(0.05, 1.0), smoothing=st.floats(0.0, 0.99), junk=st.floats(-1e6, 1e6))
+def test_each_rules_slope_form_agrees_with_it_on_a_quadratic_line_and_ignores_the_losses(q, gamma, smoothing, junk):
+    # On a quadratic line the loss values and the slopes give the same curvature, h alpha^2, so
+    # the form Newt falls back to when the losses cannot resolve a step is the same rule.
+    options = RuleOptions(gamma=gamma, smoothing=smoothing, **WIDE)
+    f0, f1, d0, d1 = q.measurements()
+    for rule in ALL_RULES:
+        expected = rule(q.alpha, f0, f1, d0, d1, options)
+        got = SLOPE_FORMS[rule](q.alpha, junk, -junk, d0, d1, options)  # loss values not read
+        assert got.decision is expected.decision, rule.__name__
+        assert got.alpha == pytest.approx(expected.alpha, rel=1e-9), rule.__name__
 
 
 # --------------------------------------------------------------------------------------------
