@@ -84,7 +84,7 @@ from newt import Newt
 
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUICK_RATES = (1e-5, 1e-2, 1.0)
-QUICK_METHODS = ("adam", "newt-adam-taylor", "prodigy", "dog")
+QUICK_METHODS = ("adam", "newt-adam-gen", "prodigy", "dog")
 ABLATIONS = {
     "nc": ("noise_correction", (0.0, 0.25, 1.0), ("taylor", "gen")),
     "st": ("spike_threshold", (0.1, 0.5, 1.0), ("taylor", "gen")),
@@ -96,7 +96,7 @@ ABLATIONS = {
 hold_on_ascent True, smoothing 0.9) in lookahead mode, for the strategies listed: methods
 ``newt-<inner>-<strategy>-<tag><value>`` (``ah0``: the hold off), run only when a pattern names
 their tag (``-nc``, ``-st``, ``-sa``, ``-ah`` or ``-sm``)."""
-DEFAULT_NEWT = "newt-adam-taylor"
+DEFAULT_NEWT = "newt-adam-gen"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
 INNER: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {

@@ -150,8 +150,10 @@ class Newt(torch.optim.Optimizer):
     Args:
         inner: The optimizer whose steps are taken, e.g. ``torch.optim.Adam(model.parameters(),
             lr=1e-3)``. Its learning rates are the initial rates.
-        strategy: ``"retsinas"``, ``"taylor"``, ``"gen"`` (see :mod:`newt.rules`), or a callable
-            with the same signature as those rules.
+        strategy: ``"gen"`` (the default), ``"taylor"``, ``"retsinas"`` (see :mod:`newt.rules`),
+            or a callable with the same signature as those rules. ``gen`` had the best worst
+            start of the three around Adam on every benchmark task, and works without a closure
+            (docs/benchmarks.md).
         gamma: Newton damping of ``retsinas`` and ``taylor``, in (0, 1].
         smoothing: Moving-average coefficient of ``gen``, in [0, 1).
         alpha_min: Smallest rate, > 0.
@@ -237,7 +239,7 @@ class Newt(torch.optim.Optimizer):
     def __init__(
         self,
         inner: torch.optim.Optimizer,
-        strategy: str | Callable[..., Any] = "taylor",
+        strategy: str | Callable[..., Any] = "gen",
         *,
         gamma: float = DEFAULT_OPTIONS.gamma,
         smoothing: float = DEFAULT_OPTIONS.smoothing,

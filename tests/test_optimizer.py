@@ -295,7 +295,7 @@ def test_is_a_real_optimizer_sharing_the_inner_groups_and_state():
     extra = nn.Parameter(torch.zeros(3))
     opt.add_param_group({"params": [extra], "lr": 5e-4})
     assert inner.param_groups[-1]["params"] == [extra] and len(opt.param_groups) == 2
-    assert "Newt(strategy='taylor'" in repr(opt)
+    assert "Newt(strategy='gen'" in repr(opt)  # the default strategy
 
 
 def test_step_hooks_run_once_per_step_and_state_dict_hooks_run():
@@ -420,8 +420,8 @@ def test_closure_that_never_calls_backward_is_rejected():
         opt.step(lambda: p.sum())
 
 
-def test_step_without_closure_is_rejected():
-    opt = Newt(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1))
+def test_step_without_closure_is_rejected_by_a_rule_that_reads_the_losses():
+    opt = Newt(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1), strategy="taylor")
     with pytest.raises(ValueError, match="without a closure, but strategy 'taylor' .* needs one: pass a closure"):
         opt.step()
 
