@@ -41,6 +41,13 @@ __all__ = ["GroupStepInfo", "Newt", "StepInfo"]
 
 BUILTIN_RULES = (*STRATEGIES.values(), gen_slopes)
 
+AUTO = "auto"
+"""The default strategy: ``gen`` where the loss values are measured (a closure: lookahead and
+lazy modes), ``retsinas`` where they are not (closure-free mode, ``per_group=True``). Around
+Adam, ``gen`` had the best worst start of the three rules on every benchmark task; without the
+losses, ``gen``'s smoothing lets the rate fall by at most a tenth per step, with nothing to undo
+an overshoot, and it was the least robust row (docs/benchmarks.md)."""
+
 
 @dataclass(frozen=True)
 class GroupStepInfo:
@@ -150,10 +157,10 @@ class Newt(torch.optim.Optimizer):
     Args:
         inner: The optimizer whose steps are taken, e.g. ``torch.optim.Adam(model.parameters(),
             lr=1e-3)``. Its learning rates are the initial rates.
-        strategy: ``"gen"`` (the default), ``"taylor"``, ``"retsinas"`` (see :mod:`newt.rules`),
-            or a callable with the same signature as those rules. ``gen`` had the best worst
-            start of the three around Adam on every benchmark task, and works without a closure
-            (docs/benchmarks.md).
+        strategy: ``"auto"`` (the default: ``"gen"`` with a closure, ``"retsinas"`` without one
+            or with ``per_group=True``; see :data:`newt.optimizer.AUTO`), ``"gen"``,
+            ``"taylor"``, ``"retsinas"`` (see :mod:`newt.rules`), or a callable with the same
+            signature as those rules.
         gamma: Newton damping of ``retsinas`` and ``taylor``, in (0, 1].
         smoothing: Moving-average coefficient of ``gen``, in [0, 1).
         alpha_min: Smallest rate, > 0.
@@ -239,7 +246,7 @@ class Newt(torch.optim.Optimizer):
     def __init__(
         self,
         inner: torch.optim.Optimizer,
-        strategy: str | Callable[..., Any] = "gen",
+        strategy: str | Callable[..., Any] = AUTO,
         *,
         gamma: float = DEFAULT_OPTIONS.gamma,
         smoothing: float = DEFAULT_OPTIONS.smoothing,
@@ -272,7 +279,9 @@ class Newt(torch.optim.Optimizer):
         )
         self.strategy = strategy
         self._rule = _resolve_strategy(strategy)
-        self._loss_free_rule = LOSS_FREE_STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+        self._loss_free_rule = None  # closure-free mode and per-group rates need one
+        if isinstance(strategy, str):
+            self._loss_free_rule = LOSS_FREE_STRATEGIES.get("retsinas" if strategy == AUTO else strategy)
         self.spike_threshold = check_real(
             "spike_threshold",
             spike_threshold,
@@ -1009,16 +1018,20 @@ def _check_flag(name: str, value: object) -> bool:
 
 
 def _resolve_strategy(strategy: object) -> Rule:
+    """The rule a strategy applies when the loss values are measured."""
+    names = ", ".join(map(repr, (AUTO, *STRATEGIES)))
     if isinstance(strategy, str):
+        if strategy == AUTO:
+            return STRATEGIES["gen"]
         if strategy not in STRATEGIES:
             raise ValueError(
-                f"unknown strategy {strategy!r}; valid names are {', '.join(map(repr, STRATEGIES))}, "
+                f"unknown strategy {strategy!r}; valid names are {names}, "
                 "or pass a callable rule(alpha, f0, f1, d0, d1, options)."
             )
         return STRATEGIES[strategy]
     if callable(strategy):
         return guard_custom_rule(strategy)
-    raise TypeError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))} or a callable, got {strategy!r}.")
+    raise TypeError(f"strategy must be one of {names} or a callable, got {strategy!r}.")
 
 
 def _loss_eps(loss: object) -> float:

@@ -130,7 +130,7 @@ def _loss_drop(trainer) -> tuple[float, float]:
     return losses[0], sum(losses[-5:]) / 5
 
 
-@pytest.mark.parametrize("strategy", ["retsinas", "gen"])
+@pytest.mark.parametrize("strategy", ["auto", "retsinas", "gen"])
 def test_trainer_with_chainable_noop_scheduler_adapts_the_rate_and_trains(tmp_path, strategy):
     steps = 30
     model = _model()

@@ -421,8 +421,8 @@ def _fp16_with_grad_scaler() -> MixedPrecision:
 def test_caveat_fp16_with_a_grad_scaler_steps_newt_without_a_closure():
     """Pins a documented caveat: with a ``GradScaler`` Lightning runs the closure itself and
     then calls ``scaler.step(optimizer)``, which calls ``optimizer.step()`` without a closure.
-    ``taylor`` needs the closure and says so; ``retsinas`` (like ``gen``, the default) runs
-    closure-free.
+    ``taylor`` needs the closure and says so; ``retsinas`` (what the default, ``"auto"``, uses
+    without a closure) runs closure-free.
     """
     module = DigitsClassifier(strategy="taylor")
     with pytest.raises(ValueError, match="without a closure"):

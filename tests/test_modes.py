@@ -111,6 +111,43 @@ def test_lazy_updates_hold_an_increase_back_until_the_next_lookahead_step(start)
         assert used[1] == used[2] == pytest.approx(minimiser, rel=1e-9)  # a decrease applies at once
 
 
+# ---------------------------------------------------------------- the default strategy
+
+
+def _rates_of(strategy: str, closure_free: bool, per_group: bool = False, steps: int = 12) -> list[float]:
+    a, b, x = _quadratic(4)
+    inner = torch.optim.SGD([{"params": [x], "lr": 1e-3}])
+    opt = Newt(inner, strategy=strategy, per_group=per_group)
+    rates = []
+    for _ in range(steps):
+        if closure_free:
+            _backward(opt, a, b, x)
+            opt.step()
+        else:
+            opt.step(lambda: _backward(opt, a, b, x))
+        rates.append(opt.param_groups[0]["lr"])
+    assert all(math.isfinite(r) for r in rates)
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("closure_free", "per_group", "same_as"),
+    [(False, False, "gen"), (True, False, "retsinas"), (False, True, "retsinas"), (True, True, "retsinas")],
+)
+def test_the_default_strategy_is_gen_with_the_losses_and_retsinas_without(closure_free, per_group, same_as):
+    auto = _rates_of("auto", closure_free, per_group)
+    assert auto == _rates_of(same_as, closure_free, per_group)  # the same rates, bit for bit
+    other = {"gen": "retsinas", "retsinas": "gen"}[same_as]
+    assert auto != _rates_of(other, closure_free, per_group)  # and the two rules differ here
+    assert Newt(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)).strategy == "auto"
+
+
+def test_an_unknown_strategy_lists_the_names_auto_included():
+    names = "valid names are 'auto', 'retsinas', 'taylor', 'gen'"
+    with pytest.raises(ValueError, match=f"unknown strategy 'newton'; {names}"):
+        Newt(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), strategy="newton")
+
+
 # ---------------------------------------------------------------- closure-free mode
 
 

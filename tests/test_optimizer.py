@@ -295,7 +295,7 @@ def test_is_a_real_optimizer_sharing_the_inner_groups_and_state():
     extra = nn.Parameter(torch.zeros(3))
     opt.add_param_group({"params": [extra], "lr": 5e-4})
     assert inner.param_groups[-1]["params"] == [extra] and len(opt.param_groups) == 2
-    assert "Newt(strategy='gen'" in repr(opt)  # the default strategy
+    assert "Newt(strategy='auto'" in repr(opt)  # the default strategy
 
 
 def test_step_hooks_run_once_per_step_and_state_dict_hooks_run():
