@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--inner", choices=sorted(INNER), default="adam")
-    parser.add_argument("--strategy", default="gen")
+    parser.add_argument("--strategy", default="auto", help="Newt's strategy (default: Newt's own, 'auto')")
     parser.add_argument("--rates", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("docs/img/demo.png"))
