@@ -20,10 +20,10 @@ from tests.inner_optimizers import INNER_OPTIMIZERS
 from tests.test_inner_optimizers import SETTLED_WINDOW, TOO_SMALL, train
 
 
-def _row(index: int, lr: float) -> str:
+def _row(index: int, lr: float, strategy: str) -> str:
     torch.set_num_threads(1)  # as in the test: one thread, reproducible sums
     entry = INNER_OPTIMIZERS[index]
-    newt = train(entry, lr, adapt=True)
+    newt = train(entry, lr, adapt=True, strategy=strategy)
     plain = train(entry, lr, adapt=False)
     settled = statistics.median(newt.rates[-SETTLED_WINDOW:])
     return f"| {entry.id} | {lr:g} | {plain.final_loss:.4g} | {newt.final_loss:.4g} | {settled:.3g} |"
@@ -32,8 +32,9 @@ def _row(index: int, lr: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--strategy", default="taylor", help="Newt's strategy (default: taylor, as the test)")
     args = parser.parse_args(argv)
-    cases = [(i, lr) for i, entry in enumerate(INNER_OPTIMIZERS) for lr in (TOO_SMALL, entry.too_large)]
+    cases = [(i, lr, args.strategy) for i, entry in enumerate(INNER_OPTIMIZERS) for lr in (TOO_SMALL, entry.too_large)]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(_row, *zip(*cases)))
     print("| inner | initial lr | plain | Newt | Newt settled lr |")

@@ -4,7 +4,8 @@ For every inner optimizer in :mod:`inner_optimizers` and for two deliberately ba
 (``1e-5``, far too small, and the entry's ``too_large``, at which the plain optimizer diverges),
 the same-seeded MLP is trained on the digits data twice, on identical mini-batches:
 
-- wrapped, as ``Newt(inner, strategy="taylor")`` with default options;
+- wrapped, as ``Newt(inner, strategy=...)`` with default options otherwise, once with the
+  default strategy (``"auto"``: ``gen`` with this closure) and once with ``"taylor"``;
 - plain, the same inner optimizer left at that rate (the independent baseline).
 
 Newt must end with a finite full-training-set loss below the plain run's (a non-finite plain
@@ -57,11 +58,11 @@ class Run:
     rates: list[float]  # param group 0's "lr" after each step
 
 
-def train(entry: InnerOptimizer, lr: float, *, adapt: bool) -> Run:
+def train(entry: InnerOptimizer, lr: float, *, adapt: bool, strategy: str = "taylor") -> Run:
     x, y = digits()
     model = make_mlp(MODEL_SEED, hidden=HIDDEN, activation=ACTIVATION)
     inner = entry.make(model.parameters(), lr)
-    optimizer = Newt(inner, strategy="taylor") if adapt else inner
+    optimizer = Newt(inner, strategy=strategy) if adapt else inner
     losses: list[float] = []
     rates: list[float] = []
     for index in minibatch_indices(len(x), BATCH_SIZE, STEPS, seed=BATCH_SEED):
@@ -93,11 +94,12 @@ def cases() -> list:
     return params
 
 
+@pytest.mark.parametrize("strategy", ["auto", "taylor"])
 @pytest.mark.parametrize(("entry", "kind", "lr"), cases())
 def test_newt_moves_a_bad_initial_rate_and_ends_below_the_plain_optimizer(
-    entry: InnerOptimizer, kind: str, lr: float
+    entry: InnerOptimizer, kind: str, lr: float, strategy: str
 ) -> None:
-    newt = train(entry, lr, adapt=True)
+    newt = train(entry, lr, adapt=True, strategy=strategy)
     plain = train(entry, lr, adapt=False)
 
     # Same weights and batches: the two runs start from the same loss.
@@ -106,7 +108,7 @@ def test_newt_moves_a_bad_initial_rate_and_ends_below_the_plain_optimizer(
     assert plain.rates == [lr] * STEPS
 
     summary = (
-        f"{entry.id} from lr={lr:g}: Newt final loss {newt.final_loss:.4g}, plain {plain.final_loss:.4g}; "
+        f"{entry.id} from lr={lr:g}, {strategy}: Newt final loss {newt.final_loss:.4g}, plain {plain.final_loss:.4g}; "
         f"Newt's rate settled at {statistics.median(newt.rates[-SETTLED_WINDOW:]):.3g} "
         f"(range {min(newt.rates):.3g}..{max(newt.rates):.3g})"
     )
