@@ -2,10 +2,11 @@
 
 For each inner optimizer the test suite registers (``tests/inner_optimizers.py``) and both of
 its bad initial rates, the same MLP is trained on identical batches by the plain optimizer and
-by ``Newt(inner, "taylor")``, exactly as the test does (``tests.test_inner_optimizers.train``).
+by ``Newt(inner, strategy)``, exactly as the test does (``tests.test_inner_optimizers.train``).
 Prints the final full-training-set losses and the rate ``Newt`` settled on, as a markdown table.
 
-Run ``python -m benchmarks.inner_optimizers`` (about 2 minutes on 2 CPU cores).
+Run ``python -m benchmarks.inner_optimizers`` for ``taylor``, with ``--strategy auto`` for the
+default (under a minute each on 2 CPU cores).
 """
 
 from __future__ import annotations
