@@ -1,4 +1,4 @@
-"""Train an MLP on scikit-learn's digits with DDP and Newt, on CPU or GPU.
+"""Train an MLP on scikit-learn's digits with DDP and Newt, on CPU or GPU (one per rank).
 
     torchrun --nproc_per_node=2 examples/ddp_digits.py            # DDP
     torchrun --nproc_per_node=2 examples/ddp_digits.py --fsdp     # FSDP2 (fully_shard)
@@ -33,6 +33,8 @@ def main() -> None:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)  # one GPU per rank: NCCL and fully_shard use the current device
 
     features, labels = load_digits(return_X_y=True)
     x = torch.tensor(features / 16.0, dtype=torch.float32, device=device)

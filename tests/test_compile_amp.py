@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from newt import Decision, Newt
+from tests.devices import DEVICES, needs_cuda
 from tests.models import digits, full_batch_loss, make_mlp, minibatch_indices
 
 pytestmark = [
@@ -86,7 +87,10 @@ def _train(model, forward, batches, x, y, *, inner=None, autocast_dtype=None, **
 
         def closure():
             opt.zero_grad()
-            autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            if autocast_dtype is None:
+                autocast = contextlib.nullcontext()
+            else:
+                autocast = torch.autocast(xb.device.type, dtype=autocast_dtype)
             with autocast:
                 loss = nn.functional.cross_entropy(forward(xb), yb)
             loss.backward()
@@ -154,13 +158,22 @@ def test_compiled_model_with_dropout_trains_exactly_like_the_eager_model(data, b
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_lookahead_replays_the_dropout_masks_of_the_compiled_model(data):
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [
+        ("cpu", "aot_eager"),
+        pytest.param("cuda", "aot_eager", marks=needs_cuda),
+        # Triton kernels, whose dropout draws from the CUDA generator's seed and offset
+        pytest.param("cuda", "inductor", marks=needs_cuda),
+    ],
+)
+def test_lookahead_replays_the_dropout_masks_of_the_compiled_model(data, device, backend):
     """With a negligible step, the lookahead loss equals the first one only if the masks repeat."""
-    x, y = data
+    x, y = (t.to(device) for t in data)
     idx = minibatch_indices(len(x), BATCH, 1, seed=2)[0]
     xb, yb = x[idx], y[idx]
-    model = _mlp(0, dropout=0.5)
-    compiled = torch.compile(model, backend="aot_eager")
+    model = _mlp(0, dropout=0.5).to(device)
+    compiled = torch.compile(model, backend=backend)
     # SGD at 1e-9: theta_{t+1} = theta_t up to ~1e-9, so f1 - f0 is ~1e-9 with the same masks.
     opt = Newt(torch.optim.SGD(model.parameters(), lr=1e-9))
 
@@ -220,14 +233,15 @@ def test_compiled_batchnorm_buffers_are_restored_after_the_lookahead(data):
 # ---------------------------------------------------------------------------------- bf16
 
 
-def test_bf16_autocast_trains_and_adapts_a_bad_initial_rate(data):
-    x, y = data
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_trains_and_adapts_a_bad_initial_rate(data, device):
+    x, y = (t.to(device) for t in data)
     batches = minibatch_indices(len(x), BATCH, 50, seed=3)
     start = 1e-4  # far too small for Adam on this task: the rate must grow for the loss to fall
-    model = make_mlp(0)
+    model = make_mlp(0).to(device)
     opt_inner = torch.optim.Adam(model.parameters(), lr=start)
     infos = _train(model, model, batches, x, y, inner=opt_inner, autocast_dtype=torch.bfloat16)
-    reference = make_mlp(0)
+    reference = make_mlp(0).to(device)
     ref_infos = _train(
         reference, reference, batches[:1], x, y, inner=torch.optim.Adam(reference.parameters(), lr=start)
     )
@@ -242,7 +256,7 @@ def test_bf16_autocast_trains_and_adapts_a_bad_initial_rate(data):
     assert first.d1 == pytest.approx(ref.d1, rel=2e-2)
     assert first.f0 == pytest.approx(ref.f0, rel=1e-2)
     assert opt_inner.param_groups[0]["lr"] > 100 * start
-    assert full_batch_loss(model, x, y) < 0.5 * full_batch_loss(make_mlp(0), x, y)
+    assert full_batch_loss(model, x, y) < 0.5 * full_batch_loss(make_mlp(0).to(device), x, y)
 
 
 def _train_bf16_parameters(x, y, batches, strategy: str, fp32_loss: bool):
@@ -321,13 +335,14 @@ def _fp32_grads(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> list[to
         return list(torch.autograd.grad(loss, list(model.parameters())))
 
 
-def test_fp16_grad_scaler_skips_overflows_and_unscales_the_measurements(data):
-    x, y = data
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_grad_scaler_skips_overflows_and_unscales_the_measurements(data, device):
+    x, y = (t.to(device) for t in data)
     batches = minibatch_indices(len(x), BATCH, 50, seed=4)
-    model = make_mlp(0)
+    model = make_mlp(0).to(device)
     params = list(model.parameters())
     # 2**24 times a logit gradient of ~1/64 is far beyond fp16's 65504: the first steps overflow.
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**24)
     inner = torch.optim.Adam(params, lr=1e-3)
     opt = Newt(inner, grad_scaler=scaler)
     overflows = accepted = inner_steps = 0
@@ -336,7 +351,7 @@ def test_fp16_grad_scaler_skips_overflows_and_unscales_the_measurements(data):
 
         def closure():
             opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device, dtype=torch.float16):
                 loss = nn.functional.cross_entropy(model(xb), yb)
             scaler.scale(loss).backward()
             return loss  # unscaled
@@ -385,7 +400,7 @@ def test_fp16_grad_scaler_skips_overflows_and_unscales_the_measurements(data):
     assert scaler.get_scale() < 2.0**24
     assert accepted >= 35
     assert inner.param_groups[0]["lr"] != 1e-3  # the accepted steps adapted the rate
-    assert full_batch_loss(model, x, y) < 0.5 * full_batch_loss(make_mlp(0), x, y)
+    assert full_batch_loss(model, x, y) < 0.5 * full_batch_loss(make_mlp(0).to(device), x, y)
 
 
 def test_grad_scaler_must_be_a_grad_scaler():

@@ -104,11 +104,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             if config.wrapper == "ddp":
                 model = nn.parallel.DistributedDataParallel(model)
             else:
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
 
+                # On the CPU like the data: by default fully_shard moves the model to the GPU
+                # when the machine has one, and the gloo test then mixes devices.
+                mesh = init_device_mesh("cpu", (WORLD,))
                 for layer in (model[0], model[2]):
-                    fully_shard(layer)
-                fully_shard(model)
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
             results[config.id] = _train(model, config, _batches(), shard)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from newt import Decision, Newt, StepInfo
+from tests.devices import DEVICES
 from tests.reference import random_quadratic, reference_measurements
 
 WIDE = dict(alpha_min=1e-12, alpha_max=1e12, max_factor=1e9)
@@ -175,26 +176,27 @@ def test_newt_with_frozen_rate_matches_inner_optimizer_bit_for_bit(inner, lr, se
     assert torch.equal(newt_rng, plain_rng)  # the lookahead consumed no random numbers
 
 
-def test_lookahead_sees_same_dropout_mask_and_leaves_rng_as_one_call_would():
+@pytest.mark.parametrize("device", DEVICES)
+def test_lookahead_sees_same_dropout_mask_and_leaves_rng_as_one_call_would(device):
     torch.manual_seed(0)
-    p = nn.Parameter(torch.ones(100))
+    p = nn.Parameter(torch.ones(100, device=device))
     opt = Newt(torch.optim.SGD([p], lr=1e-3))
     masks = []
 
     def closure():
         opt.zero_grad()
-        mask = (torch.rand(100) > 0.5).double()
+        mask = (torch.rand(100, device=device) > 0.5).double()
         masks.append(mask)
         loss = (p * mask).pow(2).sum()
         loss.backward()
         return loss
 
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # seeds the CPU and every CUDA generator
     opt.step(closure)
-    after_newt = torch.rand(5)
+    after_newt = torch.rand(5, device=device)
     torch.manual_seed(123)
-    torch.rand(100)  # exactly one closure's worth of draws
-    after_one_call = torch.rand(5)
+    torch.rand(100, device=device)  # exactly one closure's worth of draws
+    after_one_call = torch.rand(5, device=device)
     assert len(masks) == 2
     assert torch.equal(masks[0], masks[1])
     assert torch.equal(after_newt, after_one_call)
