@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from newt import Decision, Newt  # noqa: E402
+from tests.devices import needs_cuda  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -98,11 +99,11 @@ class _Recorder(transformers.TrainerCallback):
         self.multipliers.append(self.opt.state_dict()["newt"]["rates"][0][1])
 
 
-def _train(tmp_path, opt: Newt, model, scheduler, max_steps: int, resume=None, **training_args):
+def _train(tmp_path, opt: Newt, model, scheduler, max_steps: int, resume=None, use_cpu=True, **training_args):
     """Train with ``optimizers=(opt, scheduler)``; returns the trainer and the recorder."""
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
-        use_cpu=True,
+        use_cpu=use_cpu,
         max_steps=max_steps,
         per_device_train_batch_size=BATCH_SIZE,
         logging_steps=1,
@@ -282,3 +283,25 @@ def test_trainer_checkpoint_resume_continues_newts_trajectory(tmp_path):
     # Steps 1..save_at of the resumed history come from the checkpoint; the rest were recomputed.
     assert _logged(resumed, "loss")[save_at:] == pytest.approx(_logged(full, "loss")[save_at:], rel=1e-6)
     assert max(rec.inner_rates) > 10 * START_LR
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_trainer_on_a_gpu_adapts_the_rate_in_each_precision(tmp_path, precision):
+    """The Trainer's own device placement and mixed precision: with ``fp16`` Accelerate's
+    GradScaler unscales the gradients before ``optimizer.step()`` and skips the steps that
+    overflow, so they never reach Newt; every step that does is measured in closure-free mode."""
+    steps = 30
+    model = _model()
+    opt = _newt(model, "auto")
+    flags = {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}[precision]
+    trainer, rec = _train(tmp_path, opt, model, _noop_scheduler(opt), steps, use_cpu=False, **flags)
+
+    assert next(model.parameters()).is_cuda
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision keeps fp32 weights
+    newt_steps = opt.state_dict()["newt"]["steps"]
+    assert newt_steps == len(rec.inner_rates) >= steps - 5  # fp16: a few overflows are skipped
+    assert all(decision in ADAPTED for decision in rec.decisions[-10:]), rec.decisions
+    assert max(rec.inner_rates) > 100 * START_LR, rec.inner_rates
+    first, last = _loss_drop(trainer)
+    assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"

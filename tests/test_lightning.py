@@ -38,6 +38,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from newt import Decision, Newt  # noqa: E402
+from tests.devices import DEVICES  # noqa: E402
 from tests.models import digits, full_batch_loss, make_mlp  # noqa: E402
 
 pytestmark = [
@@ -189,10 +190,10 @@ def _loader(shuffle: bool = True) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=shuffle, generator=generator, drop_last=True)
 
 
-def _trainer(max_steps: int, callbacks=(), logger=False, **kwargs) -> L.Trainer:
+def _trainer(max_steps: int, callbacks=(), logger=False, accelerator: str = "cpu", **kwargs) -> L.Trainer:
     return L.Trainer(
         max_steps=max_steps,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=logger,
         enable_checkpointing=False,
@@ -205,7 +206,8 @@ def _trainer(max_steps: int, callbacks=(), logger=False, **kwargs) -> L.Trainer:
 
 
 def _loss(module: DigitsClassifier) -> float:
-    return full_batch_loss(module.net, *digits())
+    device = next(module.parameters()).device
+    return full_batch_loss(module.net, *(t.to(device) for t in digits()))
 
 
 def _logged(logger: CSVLogger, column: str) -> dict[int, float]:
@@ -400,11 +402,12 @@ def test_manual_optimization_with_accumulation_inside_the_closure():
 AMP_STEPS = 30
 
 
-def test_bf16_mixed_precision_keeps_the_closure_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_mixed_precision_keeps_the_closure_step(device):
     module = DigitsClassifier()
     loss_before = _loss(module)
     recorder = StepRecorder()
-    trainer = _trainer(AMP_STEPS, [recorder], precision="bf16-mixed")
+    trainer = _trainer(AMP_STEPS, [recorder], accelerator=device, precision="bf16-mixed")
     trainer.fit(module, _loader())
     assert module.training_step_calls == 2 * AMP_STEPS  # no scaler: Lightning passes its closure on
     assert all(math.isfinite(info.f1) for info in recorder.infos)
@@ -412,13 +415,16 @@ def test_bf16_mixed_precision_keeps_the_closure_step():
     assert trainer.optimizers[0].param_groups[0]["lr"] > 10 * START_LR
 
 
-def _fp16_with_grad_scaler() -> MixedPrecision:
-    # precision="16-mixed" as Lightning sets it up on a GPU (on a CPU it switches to bf16-mixed):
-    # the same plugin class, with a GradScaler, on the CPU.
-    return MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+def _fp16_with_grad_scaler(device: str) -> dict:
+    """``Trainer`` arguments for fp16 with a ``GradScaler``: ``precision="16-mixed"`` on a GPU; on
+    a CPU, where Lightning switches "16-mixed" to bf16-mixed, the same plugin class set up by hand."""
+    if device == "cuda":
+        return {"accelerator": "cuda", "precision": "16-mixed"}
+    return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]}
 
 
-def test_caveat_fp16_with_a_grad_scaler_steps_newt_without_a_closure():
+@pytest.mark.parametrize("device", DEVICES)
+def test_caveat_fp16_with_a_grad_scaler_steps_newt_without_a_closure(device):
     """Pins a documented caveat: with a ``GradScaler`` Lightning runs the closure itself and
     then calls ``scaler.step(optimizer)``, which calls ``optimizer.step()`` without a closure.
     ``taylor`` needs the closure and says so; ``retsinas`` (what the default, ``"auto"``, uses
@@ -426,12 +432,12 @@ def test_caveat_fp16_with_a_grad_scaler_steps_newt_without_a_closure():
     """
     module = DigitsClassifier(strategy="taylor")
     with pytest.raises(ValueError, match="without a closure"):
-        _trainer(AMP_STEPS, plugins=[_fp16_with_grad_scaler()]).fit(module, _loader())
+        _trainer(AMP_STEPS, **_fp16_with_grad_scaler(device)).fit(module, _loader())
 
     module = DigitsClassifier(strategy="retsinas")
     loss_before = _loss(module)
     recorder = StepRecorder()
-    trainer = _trainer(AMP_STEPS, [recorder], plugins=[_fp16_with_grad_scaler()])
+    trainer = _trainer(AMP_STEPS, [recorder], **_fp16_with_grad_scaler(device))
     trainer.fit(module, _loader())
     assert module.training_step_calls == AMP_STEPS  # once per step: closure-free mode
     assert trainer.optimizers[0].state_dict()["newt"]["steps"] == AMP_STEPS
