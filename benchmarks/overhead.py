@@ -13,6 +13,7 @@ reports the time spent in ``Newt.step`` outside the closure and the inner step (
 bookkeeping: snapshot copy, dot products, synchronisation), as a share of the bare step, and the
 number of parameter-sized buffers Newt keeps (its snapshot), counted from the tensors it holds.
 
+``--tasks transformer-large`` adds a 19M-parameter transformer, meant for a GPU.
 ``--device cuda`` runs the same on a GPU (synchronising before and after each repetition) and
 adds each method's peak GPU memory against the bare optimizer's, measured one method at a time
 on a fresh copy of the model. There the "own work" column is left out: kernels run
@@ -62,17 +63,22 @@ def _mlp_task(device: str = "cpu"):
     return model, lambda: nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _transformer_task(device: str = "cpu"):
+def _transformer_task(device: str = "cpu", width: int = 128, layers: int = 2, context: int = 128, batch: int = 16):
     torch.manual_seed(0)
-    model = CharTransformer().to(device)
+    model = CharTransformer(width, layers, context).to(device)
     text = torch.tensor(list(open(nn.__file__.replace("nn/__init__.py", "optim/adam.py"), "rb").read()))
-    starts = torch.randint(0, len(text) - 129, (16,), generator=torch.Generator().manual_seed(0))
-    windows = torch.stack([text[s : s + 129] for s in starts.tolist()])
+    starts = torch.randint(0, len(text) - context - 1, (batch,), generator=torch.Generator().manual_seed(0))
+    windows = torch.stack([text[s : s + context + 1] for s in starts.tolist()])
     inputs, targets = windows[:, :-1].to(device), windows[:, 1:].to(device)
     return model, lambda: nn.functional.cross_entropy(model(inputs).reshape(-1, 256), targets.reshape(-1))
 
 
-TASKS = {"mlp": _mlp_task, "transformer": _transformer_task}
+def _large_transformer_task(device: str = "cpu"):
+    """6 layers of width 512, context 256, batch 32 (19M parameters): for a GPU, not in the defaults."""
+    return _transformer_task(device, width=512, layers=6, context=256, batch=32)
+
+
+TASKS = {"mlp": _mlp_task, "transformer": _transformer_task, "transformer-large": _large_transformer_task}
 
 
 def _synchronize(device: str) -> None:
@@ -214,7 +220,7 @@ def measure(task: str, repeats: int, device: str = "cpu") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=["mlp", "transformer"], choices=list(TASKS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
