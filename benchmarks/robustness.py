@@ -91,11 +91,15 @@ ABLATIONS = {
     "sa": ("start_armijo", (0.0, 0.05, 0.3), ("taylor", "gen")),
     "ah": ("hold_on_ascent", (False,), ("taylor", "gen")),
     "sm": ("smoothing", (0.8, 0.95), ("gen",)),
+    "sh": ("shrink", (0.3, 0.5), ("gen",)),
+    "mf": ("max_factor", (1.5, 4.0), ("gen",)),
+    "ue": ("update_every", (2, 8), ("gen",)),
 }
 """Other values of a default option (noise_correction 0.5, spike_threshold 0.2, start_armijo 0.1,
-hold_on_ascent True, smoothing 0.9) in lookahead mode, for the strategies listed: methods
-``newt-<inner>-<strategy>-<tag><value>`` (``ah0``: the hold off), run only when a pattern names
-their tag (``-nc``, ``-st``, ``-sa``, ``-ah`` or ``-sm``)."""
+hold_on_ascent True, smoothing 0.9, shrink 0.1, max_factor 2, update_every 1), for the strategies
+listed: methods ``newt-<inner>-<strategy>-<tag><value>`` (``ah0``: the hold off), run only when a
+pattern names their tag (``-nc``, ``-st``, ``-sa``, ``-ah``, ``-sm``, ``-sh``, ``-mf`` or
+``-ue``). Lookahead mode, except ``update_every`` > 1 (lazy mode; K = 4 is its own row)."""
 DEFAULT_NEWT = "newt-adam-gen"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -179,10 +183,11 @@ def _methods() -> dict[str, Method]:
                     def build(m, lr, c, make=make, strategy=strategy, option=option, value=value) -> Stepper:
                         return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **{option: value}), False)
 
+                    mode = f"lazy K={value:g}" if option == "update_every" else f"lookahead, {option}={value:g}"
                     methods.append(
                         Method(
                             f"newt-{inner}-{strategy}-{tag}{value:g}",
-                            f"Newt({label}) {strategy}, lookahead, {option}={value:g}",
+                            f"Newt({label}) {strategy}, {mode}",
                             "newt",
                             True,
                             build,
@@ -519,8 +524,8 @@ def select_methods(patterns: list[str]) -> list[str]:
     """Method keys matching any of the shell-style ``patterns`` (e.g. ``newt-adam-*``).
 
     Ablations (other values of a default option) match only a pattern that names them
-    explicitly (one containing their tag: ``-nc``, ``-st``, ``-sa``, ``-ah`` or ``-sm``), so ``*``
-    is the main comparison.
+    explicitly (one containing their tag, such as ``-nc``: see :data:`ABLATIONS`), so ``*`` is the
+    main comparison.
     """
 
     def selects(pattern: str, key: str) -> bool:

@@ -192,6 +192,10 @@ def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     stepper = METHODS["newt-adam-gen-sm0.8"].build(torch.nn.Linear(1, 1), 0.1, None)
     assert stepper.optimizer.options.smoothing == 0.8 and stepper.optimizer.options.gamma == 0.5
     assert "gen" in repr(stepper.optimizer)
+    lazy = robustness.select_methods(["newt-adam-gen-ue*"])
+    assert lazy == ["newt-adam-gen-ue2", "newt-adam-gen-ue8"]
+    assert METHODS["newt-adam-gen-ue8"].label == "Newt(Adam) gen, lazy K=8"
+    assert METHODS["newt-adam-gen-ue8"].build(torch.nn.Linear(1, 1), 0.1, None).optimizer.update_every == 8
 
 
 def test_the_demo_passes_extra_newt_options_as_python_literals():
