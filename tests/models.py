@@ -73,3 +73,33 @@ def full_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         return float(nn.functional.cross_entropy(model(x), y))
     finally:
         model.train(was_training)
+
+
+def train_regression(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches,
+    *,
+    with_closure: bool,
+    after_step=None,
+) -> None:
+    """Minimise the MSE of ``model`` on each ``(x, y)`` of ``batches``, one optimizer step each.
+
+    ``with_closure`` picks ``opt.step(closure)`` or the closure-free ``backward(); opt.step()``;
+    ``after_step()``, if given, runs after every step (a scheduler's step, a recorder).
+    """
+    for x, y in batches:
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        if with_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        if after_step is not None:
+            after_step()

@@ -14,6 +14,7 @@ from torch import nn
 
 from newt import Newt
 from tests.devices import needs_cuda
+from tests.models import train_regression
 
 pytestmark = needs_cuda
 
@@ -41,20 +42,11 @@ def _train(device: str, options: dict, with_closure: bool, steps: int = 30) -> t
     model, x, y = _regression(device)
     opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), **options)
     rates = []
-    for _ in range(steps):
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        if with_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+    def record_rate() -> None:
         rates.append(opt.param_groups[0]["lr"])
+
+    train_regression(model, opt, [(x, y)] * steps, with_closure=with_closure, after_step=record_rate)
     return rates, [p.detach().cpu() for p in model.parameters()]
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from newt import Decision, Newt
+from tests.models import train_regression
 from tests.reference import random_quadratic
 
 WIDE = dict(alpha_min=1e-12, alpha_max=1e12, max_factor=1e9)
@@ -410,21 +411,9 @@ def _build(options: dict, with_scheduler: bool):
 
 
 def _train(model, opt, scheduler, batches, with_closure: bool):
-    for x, y in batches:
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
-        if with_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
-        if scheduler is not None:
-            scheduler.step()
+    train_regression(
+        model, opt, batches, with_closure=with_closure, after_step=scheduler.step if scheduler is not None else None
+    )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
