@@ -100,6 +100,11 @@ hold_on_ascent True, smoothing 0.9, shrink 0.1, max_factor 2, update_every 1), f
 listed: methods ``newt-<inner>-<strategy>-<tag><value>`` (``ah0``: the hold off), run only when a
 pattern names their tag (``-nc``, ``-st``, ``-sa``, ``-ah``, ``-sm``, ``-sh``, ``-mf`` or
 ``-ue``). Lookahead mode, except ``update_every`` > 1 (lazy mode; K = 4 is its own row)."""
+FREE_ABLATIONS = {
+    "ga": ("gamma", (0.25, 1.0), ("retsinas",)),
+}
+"""The same for closure-free mode (gamma 0.5: the damping of ``retsinas``, which the default
+strategy uses there): methods ``newt-<inner>-<strategy>-free-<tag><value>``."""
 DEFAULT_NEWT = "newt-adam-gen"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -176,17 +181,24 @@ def _methods() -> dict[str, Method]:
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)
                 )
-        for tag, (option, values, strategies) in ABLATIONS.items():
+        ablations = [(tag, *entry, False) for tag, entry in ABLATIONS.items()]
+        ablations += [(tag, *entry, True) for tag, entry in FREE_ABLATIONS.items()]
+        for tag, option, values, strategies, free in ablations:
             for strategy in strategies:
                 for value in values:
 
-                    def build(m, lr, c, make=make, strategy=strategy, option=option, value=value) -> Stepper:
-                        return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **{option: value}), False)
+                    def build(m, lr, c, make=make, strategy=strategy, option=option, value=value, free=free):
+                        return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **{option: value}), free)
 
-                    mode = f"lazy K={value:g}" if option == "update_every" else f"lookahead, {option}={value:g}"
+                    if free:
+                        mode = f"closure-free, {option}={value:g}"
+                    elif option == "update_every":
+                        mode = f"lazy K={value:g}"
+                    else:
+                        mode = f"lookahead, {option}={value:g}"
                     methods.append(
                         Method(
-                            f"newt-{inner}-{strategy}-{tag}{value:g}",
+                            f"newt-{inner}-{strategy}{'-free' if free else ''}-{tag}{value:g}",
                             f"Newt({label}) {strategy}, {mode}",
                             "newt",
                             True,

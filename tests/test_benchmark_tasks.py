@@ -196,6 +196,10 @@ def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     assert lazy == ["newt-adam-gen-ue2", "newt-adam-gen-ue8"]
     assert METHODS["newt-adam-gen-ue8"].label == "Newt(Adam) gen, lazy K=8"
     assert METHODS["newt-adam-gen-ue8"].build(torch.nn.Linear(1, 1), 0.1, None).optimizer.update_every == 8
+    damping = robustness.select_methods(["newt-*-retsinas-free-ga*"])
+    assert damping == [f"newt-{inner}-retsinas-free-ga{g}" for inner in ("adam", "sgd") for g in ("0.25", "1")]
+    stepper = METHODS["newt-sgd-retsinas-free-ga1"].build(torch.nn.Linear(1, 1), 0.1, None)
+    assert stepper.closure_free and stepper.optimizer.options.gamma == 1.0
 
 
 def test_the_demo_passes_extra_newt_options_as_python_literals():
