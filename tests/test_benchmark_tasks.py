@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from benchmarks import peers, robustness, tasks
+from benchmarks import overhead, peers, robustness, tasks
 from benchmarks.demo import _option
 from benchmarks.peers import PassCounter
 from benchmarks.robustness import METHODS, Job, NewtStepper, run
@@ -209,3 +209,20 @@ def test_the_demo_passes_extra_newt_options_as_python_literals():
     for bad in ("hold_on_ascent", "=1", "x=not a literal"):
         with pytest.raises(SystemExit):
             _option(bad, parser)
+
+
+def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(capsys):
+    overhead.measure("mlp", repeats=1)
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "ms |" in line]
+    assert [row[0] for row in rows] == ["| bare Adam", "| Newt lookahead", "| Newt lazy K=4", "| Newt closure-free"]
+    assert all(float(row[2]) > 0 for row in rows) and float(rows[0][2]) == 1.0  # ratios to the bare step
+    buffers = [line for line in out.splitlines() if line.startswith("parameter-sized buffers held by")]
+    assert len(buffers) == 3 and all(line.endswith(": 1.00") for line in buffers)
+
+
+@pytest.mark.parametrize(("task", "parameters"), [("transformer", 478_720), ("transformer-large", 19_307_776)])
+def test_the_overhead_models_have_the_sizes_the_docs_give(task, parameters):
+    model, _ = overhead.TASKS[task]("cpu")
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
