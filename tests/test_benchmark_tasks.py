@@ -225,4 +225,3 @@ def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(ca
 def test_the_overhead_models_have_the_sizes_the_docs_give(task, parameters):
     model, _ = overhead.TASKS[task]("cpu")
     assert sum(p.numel() for p in model.parameters()) == parameters
-
