@@ -106,33 +106,46 @@ def step_dot(grads: Tensors, snapshot: Tensors, params: Tensors, *, foreach: boo
     ``d``. Complex tensors use the real inner product (that of their real views). A ``None``
     gradient contributes zero. The result lives on the device of the first tensor.
     """
-    triples = [(_as_real(g), _as_real(s), _as_real(p)) for g, s, p in zip(grads, snapshot, params) if g is not None]
+    triples = [(g, s, p) for g, s, p in zip(grads, snapshot, params) if g is not None]
     if not triples:
         device = params[0].device if len(params) else torch.device("cpu")
         return torch.zeros((), dtype=torch.float64, device=device)
+    if any(s.is_complex() for _, s, _ in triples):
+        triples = [(_as_real(g), _as_real(s), _as_real(p)) for g, s, p in triples]
     result_device = triples[0][2].device
     if not foreach:
         parts = [_dot(g.to(s.dtype), _widened(s) - _widened(p)) for g, s, p in triples]
         return torch.stack([x.to(result_device) for x in parts]).sum()
 
+    # Each call pays per kernel launch, and a small model's step is short: the usual case (one
+    # device, one dtype, one bucket) runs exactly the kernels of the general loop, minus its
+    # bookkeeping, so both give the same bits.
+    first = triples[0][1]
+    sizes = [s.numel() for _, s, _ in triples]
+    if sum(sizes) <= _BUCKET_NUMEL and all(s.dtype == first.dtype and s.device == first.device for _, s, _ in triples):
+        return _bucket_dot(triples, first.dtype)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, (_, s, _) in enumerate(triples):
         groups[(s.device, s.dtype)].append(i)
-    sizes = [s.numel() for _, s, _ in triples]
-    partial_sums = []
-    for (_, dtype), indices in groups.items():
-        for bucket in _buckets(indices, sizes):
-            g = [triples[i][0] for i in bucket]
-            s = [triples[i][1] for i in bucket]
-            p = [triples[i][2] for i in bucket]
-            wide = _ACCUMULATE.get(dtype)
-            if wide is not None:  # upcast before subtracting: the step of bf16 weights is not bf16
-                s, p, g = [x.to(wide) for x in s], [x.to(wide) for x in p], [x.to(wide) for x in g]
-            deltas = torch._foreach_sub(s, p)
-            g = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(g, deltas)]
-            partial_sums.append(_foreach_dot(g, deltas).to(result_device))
-            del deltas
+    partial_sums = [
+        _bucket_dot([triples[i] for i in bucket], dtype).to(result_device)
+        for (_, dtype), indices in groups.items()
+        for bucket in _buckets(indices, sizes)
+    ]
     return torch.stack(partial_sums).sum()
+
+
+def _bucket_dot(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """``sum <g, s - p>`` over same-dtype, same-device triples, with one temporary per tensor."""
+    g = [t[0] for t in triples]
+    s = [t[1] for t in triples]
+    p = [t[2] for t in triples]
+    wide = _ACCUMULATE.get(dtype)
+    if wide is not None:  # upcast before subtracting: the step of bf16 weights is not bf16
+        s, p, g = [x.to(wide) for x in s], [x.to(wide) for x in p], [x.to(wide) for x in g]
+    deltas = torch._foreach_sub(s, p)
+    g = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(g, deltas)]
+    return _foreach_dot(g, deltas)
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
@@ -153,6 +166,6 @@ def _foreach_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     if _HAS_FOREACH_MM:
         rows = [x.reshape(1, -1) for x in a]
         cols = [y.reshape(-1, 1) for y in b]
-        products = torch._foreach_mm(rows, cols)
-        return torch.cat([x.reshape(1) for x in products]).to(torch.float64).sum()
+        products = torch._foreach_mm(rows, cols)  # each 1 x 1
+        return torch.cat(products).to(torch.float64).sum()
     return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).to(torch.float64).sum()

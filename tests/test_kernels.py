@@ -69,6 +69,17 @@ def test_bucketing_does_not_change_the_result(monkeypatch):
     assert float(_kernels.step_dot(grads, before, after)) == pytest.approx(whole, rel=1e-12)
 
 
+def test_single_bucket_shortcut_gives_the_bits_of_the_general_path():
+    # One dtype on one device skips the grouping; a float64 tensor with a zero gradient sends the
+    # same float32 tensors through the general path, adding exactly 0 to their partial sum.
+    grads, before, after = _tensors(torch.float32, seed=6)
+    shortcut = _kernels.step_dot(grads, before, after)
+    zero = [torch.zeros(5, dtype=torch.float64)]
+    other = [torch.randn(5, dtype=torch.float64)]
+    general = _kernels.step_dot(grads + zero, before + other, after + [other[0] - 1.0])
+    assert float(general) == float(shortcut)
+
+
 def test_complex_tensors_use_the_real_inner_product():
     gen = torch.Generator().manual_seed(5)
     g = [torch.randn(6, dtype=torch.complex64, generator=gen)]
