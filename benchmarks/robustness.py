@@ -113,16 +113,26 @@ INNER: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
 }
 INNER_LABEL = {"adam": "Adam", "sgd": "SGD(m=0.9)"}
+MODE_LABELS = {"": "lookahead", "-lazy4": "lazy K=4", "-free": "closure-free", "-free-loss": "closure-free, loss="}
+"""The modes, by their suffix in the method keys (``-free-loss``: closure-free with ``step(loss=...)``)."""
 
 
 class NewtStepper(Stepper):
-    """``Newt`` around an inner optimizer: ``opt.step(closure)``, or closure-free after backward."""
+    """``Newt`` around an inner optimizer: ``opt.step(closure)``, or closure-free after backward
+    (``opt.step()``, or ``opt.step(loss=loss)`` with ``give_loss``)."""
 
-    def __init__(self, opt: Newt, closure_free: bool) -> None:
+    def __init__(self, opt: Newt, closure_free: bool, give_loss: bool = False) -> None:
         super().__init__(opt)
         self.closure_free = closure_free
+        self.give_loss = give_loss
 
     def step(self, batch_loss: Callable[[], torch.Tensor]) -> float:
+        if self.closure_free and self.give_loss:
+            self.optimizer.zero_grad()
+            loss = batch_loss()
+            loss.backward()
+            self.optimizer.step(loss=loss)
+            return float(loss.detach())
         if self.closure_free:
             return super().step(batch_loss)  # loss.backward(); opt.step()
         opt = self.optimizer
@@ -171,12 +181,13 @@ def _methods() -> dict[str, Method]:
         for strategy in ("taylor", "retsinas", "gen"):
             modes = [("", {}, False), ("-lazy4", {"update_every": 4}, False)]
             if strategy != "taylor":  # taylor needs the lookahead loss: no closure-free mode
-                modes.append(("-free", {}, True))
+                modes += [("-free", {}, True), ("-free-loss", {}, True)]
             for suffix, options, free in modes:
-                mode = {"": "lookahead", "-lazy4": "lazy K=4", "-free": "closure-free"}[suffix]
+                mode = MODE_LABELS[suffix]
 
-                def build(m, lr, c, make=make, strategy=strategy, options=options, free=free) -> Stepper:
-                    return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **options), free)
+                def build(m, lr, c, make=make, strategy=strategy, options=options, free=free, suffix=suffix) -> Stepper:
+                    opt = Newt(make(m.parameters(), lr), strategy=strategy, **options)
+                    return NewtStepper(opt, free, give_loss=suffix == "-free-loss")
 
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)

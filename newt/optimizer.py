@@ -122,6 +122,7 @@ class _Pending:
     block_d0: torch.Tensor | None = None  # sums over the current block of update_every steps
     block_d1: torch.Tensor | None = None
     count: int = 0
+    loss: float | None = None  # L_{t-1}(theta_{t-1}), given as step(loss=...), reduced across ranks
 
 
 @dataclass
@@ -183,8 +184,9 @@ class Newt(torch.optim.Optimizer):
             shrinks by ``shrink`` (decision ``"insufficient"``). Afterwards only loss spikes
             undo steps. This catches a far-too-large start whose loss still went down (a
             transformer's first Adam steps at 0.1), which damages the model without a spike.
-            In [0, 1); 0 turns the check off. Needs a closure (closure-free mode measures no
-            loss and skips it).
+            In [0, 1); 0 turns the check off. Closure-free mode measures no loss: there the
+            test runs only on the losses given as ``step(loss=...)``, and compares consecutive
+            batches (see :meth:`step`).
         hold_on_ascent: In lookahead mode (a closure, ``update_every=1``), keep the rate after a
             step whose direction rose on its own batch (``D0 < 0``: the inner optimizer's
             momentum or preconditioner disagreed with the batch's gradient), where every rule
@@ -361,7 +363,9 @@ class Newt(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor | float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, loss: torch.Tensor | float | None = None
+    ) -> torch.Tensor | float | None:
         """Take one inner step and adapt the learning rate.
 
         Args:
@@ -371,6 +375,14 @@ class Newt(torch.optim.Optimizer):
                 module buffers (BatchNorm statistics) restored after the second call (once on
                 the steps that ``update_every`` leaves plain). Without a closure (after your own
                 ``backward()``), the step is closure-free: see the class docstring.
+            loss: Closure-free mode only: the loss whose ``backward()`` filled the gradients
+                (this batch's, at ``theta_t``). It gives the closure-free step the start-up
+                test that a closure gives the others (see ``start_armijo``): until a step's
+                loss has fallen by the Armijo share, a step after which the next batch's loss
+                rose by more than ``spike_threshold`` is undone and the rate shrinks. Batch
+                losses vary too much between batches to judge later steps by them, so after
+                the start it is not read (while the start is on probation, reading it costs one
+                host synchronisation per step). Optional.
 
         Returns:
             The loss the first closure call returned (at ``theta_t``); None without a closure.
@@ -382,10 +394,15 @@ class Newt(torch.optim.Optimizer):
         parameters are restored to ``theta_t`` and the exception propagates unchanged; the next
         ``step`` works as usual.
         """
+        if closure is not None and loss is not None:
+            raise ValueError(
+                "Newt.step got both a closure and loss=: with a closure Newt measures the loss itself. "
+                "Pass loss= only to a closure-free step (after your own backward())."
+            )
         self._rates.sync(self.param_groups)
         if closure is None:
             self._probe = None  # the closure-free step reuses the snapshot buffer
-            return self._closure_free_step()
+            return self._closure_free_step(loss)
         self._pending = None  # a closure step ends any closure-free measurement in progress
         closure = torch.enable_grad()(closure)
         if self._steps % self.update_every and not self._on_probation():
@@ -487,7 +504,7 @@ class Newt(torch.optim.Optimizer):
         held = [Proposal(min(p.alpha, rates[g].adapted), p.decision) for g, p in zip(unit_groups, proposals)]
         return held, (list(unit_groups), [p.alpha for p in proposals])
 
-    def _closure_free_step(self) -> None:
+    def _closure_free_step(self, loss: torch.Tensor | float | None) -> None:
         if self._loss_free_rule is None:
             raise ValueError(
                 f"Newt.step was called without a closure, but strategy {self._strategy_name()!r} measures "
@@ -495,6 +512,7 @@ class Newt(torch.optim.Optimizer):
                 "computes the loss on the current batch, calls backward() and returns the loss, as in "
                 "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
             )
+        loss_eps, loss = (0.0, None) if loss is None else (_loss_eps(loss), _loss_tensor(loss, "loss="))
         params = self._params()
         active = _active(
             params,
@@ -508,8 +526,15 @@ class Newt(torch.optim.Optimizer):
             return None
         positions = self._positions(active, params)
         pending = self._pending
+        if pending is not None and not (pending.indices == positions and pending.d0.numel() == len(units)):
+            pending = None  # other parameters moved: start a new measurement
+        loss_value = None
+        if loss is not None and self._on_probation():
+            loss_value, rejected = self._start_test_free(loss, loss_eps, pending, local, unit_groups)
+            if rejected:
+                return None
         adapted = False
-        if pending is not None and pending.indices == positions and pending.d0.numel() == len(units):
+        if pending is not None:
             # d_{t-1} = theta_{t-1} - theta_t, with theta_{t-1} still in the snapshot buffer
             d1 = self._dots(grads, self._snapshot, local, units)
             pending.block_d0 = pending.d0 if pending.block_d0 is None else pending.block_d0 + pending.d0
@@ -524,17 +549,55 @@ class Newt(torch.optim.Optimizer):
                 pending.block_d0 = pending.block_d1 = None
                 pending.count = 0
                 adapted = True
-        else:
-            pending = None  # the first step, or other parameters moved: start a new measurement
         snapshot = self._guarded_inner_step(active, on_failure=lambda: setattr(self, "_pending", None))
         d0 = self._dots(grads, snapshot, local, units)
         if pending is None:
             pending = _Pending(positions, d0)
         pending.d0 = d0
+        pending.loss = loss_value
         self._pending = pending
         if not adapted:
             self._finish_plain(math.nan)
         return None
+
+    def _start_test_free(
+        self,
+        loss: torch.Tensor,
+        loss_eps: float,
+        pending: _Pending | None,
+        local: list[torch.Tensor],
+        unit_groups: list[int],
+    ) -> tuple[float, bool]:
+        """The start-up test of closure-free mode, on the losses given as ``step(loss=...)``.
+
+        ``loss`` is this batch's loss at ``theta_t``; ``pending`` holds the previous step's loss
+        (its batch, at ``theta_{t-1}``) and slope ``d0``, with ``theta_{t-1}`` in the snapshot
+        buffer. The two losses come from different batches, so only a rise beyond the spike
+        threshold counts against the step (an untrained model's batch losses differ by far
+        less, and a far-too-large first step multiplies the loss: digits 2.3 -> 7.8, MNIST-1D
+        2.3 -> 26, the byte-level model 5.8 -> 33); a fall by the Armijo share proves the rate.
+        A failed step is undone: ``theta_{t-1}`` comes back from the snapshot, the rate shrinks,
+        and this batch's gradients, taken at the point given up, are not used. Returns the
+        loss (reduced across ranks) and whether the step was undone.
+        """
+        device = local[0].device  # where the collective runs (NCCL needs the GPU)
+        parts = [loss.reshape(1).to(device)] + ([] if pending is None else [pending.d0.to(device)])
+        values = reduce_measurements(torch.cat(parts), 1, is_sharded=self._sharded, group=self.process_group).tolist()
+        f1 = values[0]
+        if pending is None or pending.loss is None:
+            return f1, False
+        f0, d0s = pending.loss, values[1:]
+        resolution = LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
+        if math.isfinite(f1) and spike_guard(1.0, f0, f1, self.spike_threshold, self.options) is None:
+            self._start_proven = sufficient_decrease(f0, f1, math.fsum(d0s), self.start_armijo, resolution) is True
+            return f1, False
+        _kernels.copy_(local, self._snapshot, foreach=self.foreach)
+        self._pending = None
+        rates = self._rates.groups
+        proposals = [shrunk_rate(rates[g].adapted, self.options, Decision.SPIKE) for g in unit_groups]
+        nans = [math.nan] * len(unit_groups)
+        self._finish(f0, f1, d0s, nans, unit_groups, proposals, rejected=True)
+        return f1, True
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -905,6 +968,7 @@ class Newt(torch.optim.Optimizer):
             "block_d0": pending.block_d0,
             "block_d1": pending.block_d1,
             "count": pending.count,
+            "loss": pending.loss,
         }
 
     def _load_pending(self, state: dict[str, Any] | None) -> None:
@@ -918,8 +982,14 @@ class Newt(torch.optim.Optimizer):
         def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, copy=True)
 
+        loss = state.get("loss")  # absent from checkpoints made before step(loss=...)
         self._pending = _Pending(
-            indices, moved(state["d0"]), moved(state["block_d0"]), moved(state["block_d1"]), int(state["count"])
+            indices,
+            moved(state["d0"]),
+            moved(state["block_d0"]),
+            moved(state["block_d1"]),
+            int(state["count"]),
+            None if loss is None else float(loss),
         )
 
     def _probe_state(self) -> dict[str, Any] | None:
@@ -1043,20 +1113,23 @@ def _loss_eps(loss: object) -> float:
 
 
 def _loss_tensor(loss: object, which: str) -> torch.Tensor:
-    """The closure's loss as a detached float64 scalar tensor (no host sync)."""
+    """The closure's loss as a detached float64 scalar tensor (no host sync).
+
+    ``which`` names the closure call ("first", "second (lookahead)"), or is ``"loss="`` for the
+    value given to a closure-free ``step``.
+    """
+    source = "step(loss=...) got" if which == "loss=" else f"the {which} closure call returned"
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise TypeError(
-                f"the {which} closure call returned a tensor of shape {tuple(loss.shape)}; it must "
-                "return the scalar loss (reduce it, e.g. with .mean())."
+                f"{source} a tensor of shape {tuple(loss.shape)}; it must "
+                "be the scalar loss (reduce it, e.g. with .mean())."
             )
         return loss.detach().reshape(()).to(torch.float64)
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return torch.tensor(float(loss), dtype=torch.float64)
-    raise TypeError(
-        f"the {which} closure call returned {type(loss).__name__}; it must return the loss as a "
-        "scalar tensor or a number (did you forget 'return loss'?)."
-    )
+    hint = "pass the batch's loss tensor" if which == "loss=" else "did you forget 'return loss'?"
+    raise TypeError(f"{source} {type(loss).__name__}; it must be the loss as a scalar tensor or a number ({hint}).")
 
 
 def _check_dense(params: list[torch.Tensor]) -> None:

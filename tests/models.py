@@ -81,12 +81,14 @@ def train_regression(
     batches,
     *,
     with_closure: bool,
+    give_loss: bool = False,
     after_step=None,
 ) -> None:
     """Minimise the MSE of ``model`` on each ``(x, y)`` of ``batches``, one optimizer step each.
 
-    ``with_closure`` picks ``opt.step(closure)`` or the closure-free ``backward(); opt.step()``;
-    ``after_step()``, if given, runs after every step (a scheduler's step, a recorder).
+    ``with_closure`` picks ``opt.step(closure)`` or the closure-free ``backward(); opt.step()``
+    (``opt.step(loss=loss)`` with ``give_loss``); ``after_step()``, if given, runs after every
+    step (a scheduler's step, a recorder).
     """
     for x, y in batches:
 
@@ -98,6 +100,8 @@ def train_regression(
 
         if with_closure:
             opt.step(closure)
+        elif give_loss:
+            opt.step(loss=closure())
         else:
             closure()
             opt.step()

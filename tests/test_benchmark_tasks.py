@@ -144,11 +144,34 @@ def test_gradient_evaluations_match_the_closure_calls(strategy, options, closure
 
 @pytest.mark.parametrize(
     ("key", "steps"),
-    [("newt-adam-taylor", 10), ("newt-adam-taylor-lazy4", 16), ("newt-adam-gen-free", 20), ("adam", 20)],
+    [
+        ("newt-adam-taylor", 10),
+        ("newt-adam-taylor-lazy4", 16),
+        ("newt-adam-gen-free", 20),
+        ("newt-adam-retsinas-free-loss", 20),
+        ("adam", 20),
+    ],
 )
 def test_an_equal_budget_means_fewer_steps_for_the_lookahead(key: str, steps: int) -> None:
     result = run(Job("digits", key, 1e-3, 0, budget=20))
     assert result["evals"] == 20 and result["steps"] == steps
+
+
+def test_the_closure_free_rows_with_a_loss_give_it_to_the_step_and_only_they_do() -> None:
+    for key, label in (("newt-sgd-gen-free-loss", "closure-free, loss="), ("newt-sgd-gen-free", "closure-free")):
+        stepper = METHODS[key].build(torch.nn.Linear(2, 1), 1e-3, None)
+        given = []
+        original_step = stepper.optimizer.step
+
+        def recording_step(*args, original_step=original_step, given=given, **kwargs):
+            given.append(kwargs.get("loss"))
+            return original_step(*args, **kwargs)
+
+        stepper.optimizer.step = recording_step
+        weight = stepper.optimizer.param_groups[0]["params"][0]
+        stepper.step(lambda: (weight.sum() - 1.0) ** 2)
+        assert stepper.closure_free and METHODS[key].label.endswith(label)
+        assert (given[0] is not None) == key.endswith("-loss"), key
 
 
 def test_a_no_grad_forward_costs_a_third() -> None:

@@ -36,7 +36,7 @@ GLOBAL_BATCH = 32
 class Config:
     wrapper: str  # "ddp" or "fsdp"
     strategy: str
-    mode: str  # "lookahead", "lazy" or "closure-free"
+    mode: str  # "lookahead", "lazy", "closure-free" or "closure-free-loss" (step(loss=...))
 
     @property
     def id(self) -> str:
@@ -49,10 +49,13 @@ class Config:
         return options
 
 
+FREE_MODES = ("closure-free", "closure-free-loss")
 CONFIGS = [
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "taylor", "gen") for m in ("lookahead", "lazy")),
-    *(Config(w, s, "closure-free") for w in ("ddp", "fsdp") for s in ("retsinas", "gen")),
+    *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "gen") for m in FREE_MODES),
 ]
+FAR_TOO_LARGE = 1.0
+"""The start of the ``closure-free-loss`` runs: its first step is undone by the start-up test."""
 
 
 def _model() -> nn.Module:
@@ -68,9 +71,10 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[list[float], list[torch.Tensor]]:
-    """Train and return the rate after each step and the final full parameters."""
-    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), **config.newt_options())
+def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[list[float], list[torch.Tensor], int]:
+    """Train and return the rate after each step, the final full parameters and the undone steps."""
+    lr = FAR_TOO_LARGE if config.mode == "closure-free-loss" else 1e-3
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=lr), **config.newt_options())
     rates = []
     for x, y in batches:
         xb, yb = x[shard], y[shard].double()
@@ -84,11 +88,13 @@ def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[lis
         if config.mode == "closure-free":
             closure()
             opt.step()
+        elif config.mode == "closure-free-loss":  # each rank gives its own half-batch's loss
+            opt.step(loss=closure())
         else:
             opt.step(closure)
         rates.append(opt.param_groups[0]["lr"])
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    return rates, [t.detach().clone() for t in full]
+    return rates, [t.detach().clone() for t in full], opt.state_dict()["newt"]["rejected"]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -134,17 +140,18 @@ def distributed_results(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 def test_every_rank_applies_the_same_rate_and_holds_the_same_parameters(distributed_results, config):
-    (rates0, params0), (rates1, params1) = (r[config.id] for r in distributed_results)
-    assert rates0 == rates1
+    (rates0, params0, undone0), (rates1, params1, undone1) = (r[config.id] for r in distributed_results)
+    assert rates0 == rates1 and undone0 == undone1
     assert len(set(rates0)) > 1  # the rate did adapt
+    assert (undone0 > 0) == (config.mode == "closure-free-loss")  # the start-up test acted there
     for a, b in zip(params0, params1):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 def test_distributed_training_matches_one_process_on_the_whole_batch(distributed_results, config):
-    rates, params = distributed_results[0][config.id]
-    single_rates, single_params = _train(_model(), config, _batches(), slice(None))
-    assert rates == pytest.approx(single_rates, rel=1e-9)
+    rates, params, undone = distributed_results[0][config.id]
+    single_rates, single_params, single_undone = _train(_model(), config, _batches(), slice(None))
+    assert rates == pytest.approx(single_rates, rel=1e-9) and undone == single_undone
     for a, b in zip(params, single_params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

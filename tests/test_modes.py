@@ -249,6 +249,109 @@ def test_closure_free_step_without_gradients_says_to_call_backward():
         opt.step()
 
 
+# ------------------------------------------ closure-free start-up test, on the losses given
+
+
+def _step_with_loss(opt, a, b, x, loss=None) -> float:
+    """Backward at ``x``, then ``opt.step(loss=...)`` with the true loss, or ``loss`` if given."""
+    true_loss = _backward(opt, a, b, x)
+    opt.step(loss=true_loss if loss is None else loss)
+    return float(true_loss.detach())
+
+
+def test_closure_free_start_up_test_undoes_a_step_whose_next_loss_rose_and_shrinks_the_rate():
+    a, b, x = _quadratic(2)
+    minimiser = float(_grad(a, b, x) @ _grad(a, b, x) / (_grad(a, b, x) @ a @ _grad(a, b, x)))
+    rate = 20 * minimiser  # far past the line minimum: the loss grows
+    opt = Newt(torch.optim.SGD([x], lr=rate), strategy="retsinas", **WIDE)
+    x0 = x.detach().clone()
+    f0 = _step_with_loss(opt, a, b, x)
+    assert opt.step_info.decision == Decision.PLAIN and not torch.equal(x.detach(), x0)
+
+    f1 = _step_with_loss(opt, a, b, x)
+    assert f1 > 1.2 * f0
+    info = opt.step_info
+    assert info.rejected and info.decision == Decision.SPIKE
+    assert (info.f0, info.f1) == (f0, f1)
+    assert info.alpha == rate and opt.param_groups[0]["lr"] == pytest.approx(0.1 * rate, rel=1e-15)
+    assert torch.equal(x.detach(), x0)  # theta_{t-1} back bit for bit, and no step from it
+    assert opt.state_dict()["newt"]["rejected"] == 1
+
+    # the next step starts afresh from x0, with the smaller rate and no stale measurement
+    g0 = _grad(a, b, x)
+    _step_with_loss(opt, a, b, x)
+    assert opt.step_info.decision == Decision.PLAIN
+    assert torch.allclose(x.detach(), x0 - 0.1 * rate * g0, rtol=0, atol=1e-12)
+
+
+def test_closure_free_start_up_test_ends_at_the_first_sufficient_decrease():
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")
+    _step_with_loss(opt, a, b, x)
+    f_start = _step_with_loss(opt, a, b, x, loss=None)  # a small step: the loss fell, start proven
+    assert not opt.step_info.rejected
+    rate = opt.param_groups[0]["lr"]
+    _step_with_loss(opt, a, b, x, loss=100 * f_start)  # a rise after the start no longer counts
+    assert not opt.step_info.rejected and opt.param_groups[0]["lr"] != pytest.approx(0.1 * rate)
+
+
+@pytest.mark.parametrize("start_armijo", [0.1, 0.0])
+def test_closure_free_start_up_test_waits_for_a_decrease_and_is_off_at_start_armijo_zero(start_armijo):
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", start_armijo=start_armijo)
+    f = _step_with_loss(opt, a, b, x)
+    before_last = x.detach().clone()
+    _step_with_loss(opt, a, b, x, loss=f)  # no decrease (a noisy batch): neither proven nor undone
+    assert not opt.step_info.rejected
+    _step_with_loss(opt, a, b, x, loss=10 * f)  # still on probation: a rise undoes the last step
+    assert opt.step_info.rejected == (start_armijo > 0)
+    assert torch.equal(x.detach(), before_last) == (start_armijo > 0)
+
+
+def test_closure_free_start_up_test_survives_a_checkpoint():
+    def run(split: bool):
+        a, b, x = _quadratic(2)
+        opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")
+        f = _step_with_loss(opt, a, b, x)
+        if split:  # resume between the step that set the loss and the one that compares with it
+            buffer = io.BytesIO()
+            torch.save({"x": x.detach().clone(), "opt": opt.state_dict()}, buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=True)
+            a, b, x = _quadratic(2)
+            with torch.no_grad():
+                x.copy_(saved["x"])
+            opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")
+            opt.load_state_dict(saved["opt"])
+        _step_with_loss(opt, a, b, x, loss=10 * f)
+        return opt.step_info.rejected, x.detach().clone(), opt.param_groups[0]["lr"]
+
+    straight, resumed = run(split=False), run(split=True)
+    assert straight[0] and resumed[0]
+    assert torch.equal(straight[1], resumed[1]) and straight[2] == resumed[2]
+
+
+def test_step_with_a_closure_and_a_loss_is_rejected_before_anything_moves():
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=0.1))
+    before = x.detach().clone()
+    with pytest.raises(ValueError, match="both a closure and loss="):
+        opt.step(lambda: _backward(opt, a, b, x), loss=1.0)
+    assert torch.equal(x.detach(), before) and opt.step_info is None
+
+
+@pytest.mark.parametrize(
+    ("loss", "error"),
+    [(torch.ones(3), r"step\(loss=\.\.\.\) got a tensor of shape \(3,\)"), ("1.0", r"got str.*scalar tensor")],
+)
+def test_closure_free_step_with_a_loss_that_is_not_a_scalar_says_so(loss, error):
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    _backward(opt, a, b, x)
+    with pytest.raises(TypeError, match=error):
+        opt.step(loss=loss)
+
+
 def test_a_closure_step_ends_a_closure_free_measurement():
     a, b, x = _quadratic(3)
     opt = Newt(torch.optim.SGD([x], lr=0.01), strategy="retsinas")
@@ -392,6 +495,7 @@ MODES = {
     "lookahead": (dict(strategy="taylor"), True),
     "lazy-3": (dict(strategy="taylor", update_every=3), True),
     "closure-free": (dict(strategy="retsinas"), False),
+    "closure-free-with-loss": (dict(strategy="retsinas"), "loss"),
     "closure-free-blocks-3": (dict(strategy="gen", update_every=3), False),
     "per-group": (dict(strategy="retsinas", per_group=True), True),
     "per-group-closure-free": (dict(strategy="gen", per_group=True, update_every=2), False),
@@ -410,9 +514,14 @@ def _build(options: dict, with_scheduler: bool):
     return model, opt, scheduler
 
 
-def _train(model, opt, scheduler, batches, with_closure: bool):
+def _train(model, opt, scheduler, batches, with_closure: bool | str):
     train_regression(
-        model, opt, batches, with_closure=with_closure, after_step=scheduler.step if scheduler is not None else None
+        model,
+        opt,
+        batches,
+        with_closure=with_closure is True,
+        give_loss=with_closure == "loss",
+        after_step=scheduler.step if scheduler is not None else None,
     )
 
 
