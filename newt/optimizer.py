@@ -29,6 +29,7 @@ from newt.rules import (
     grown_rate,
     guard_custom_rule,
     held_on_ascent,
+    next_batch_verdict,
     scheduled_proposal,
     shrunk_rate,
     spike_guard,
@@ -377,12 +378,15 @@ class Newt(torch.optim.Optimizer):
                 ``backward()``), the step is closure-free: see the class docstring.
             loss: Closure-free mode only: the loss whose ``backward()`` filled the gradients
                 (this batch's, at ``theta_t``). It gives the closure-free step the start-up
-                test that a closure gives the others (see ``start_armijo``): until a step's
-                loss has fallen by the Armijo share, a step after which the next batch's loss
-                rose by more than ``spike_threshold`` is undone and the rate shrinks. Batch
-                losses vary too much between batches to judge later steps by them, so after
-                the start it is not read (while the start is on probation, reading it costs one
-                host synchronisation per step). Optional.
+                test that a closure gives the others (see ``start_armijo``), on the next
+                batch's loss, with the spike threshold as the tolerance for the difference
+                between batches (:func:`newt.rules.next_batch_verdict`): until a step's loss
+                has fallen by the Armijo share, a step after which the next batch's loss rose
+                by more than ``spike_threshold``, or fell short of the Armijo share by more
+                than that, is undone and the rate shrinks. Batch losses vary too much between
+                batches to judge later steps by them, so after the start it is not read (while
+                the start is on probation, reading it costs one host synchronisation per
+                step). Optional.
 
         Returns:
             The loss the first closure call returned (at ``theta_t``); None without a closure.
@@ -572,11 +576,12 @@ class Newt(torch.optim.Optimizer):
 
         ``loss`` is this batch's loss at ``theta_t``; ``pending`` holds the previous step's loss
         (its batch, at ``theta_{t-1}``) and slope ``d0``, with ``theta_{t-1}`` in the snapshot
-        buffer. The two losses come from different batches, so only a rise beyond the spike
-        threshold counts against the step (an untrained model's batch losses differ by far
-        less, and a far-too-large first step multiplies the loss: around Adam, digits from 1
-        2.3 -> 7.8, MNIST-1D from 0.1 2.3 -> 26, the byte-level model from 1 5.8 -> 33); a fall
-        by the Armijo share proves the rate.
+        buffer. The two losses come from different batches, so the Armijo condition gets the
+        spike threshold as a tolerance (an untrained model's batch losses differ by far less,
+        while a far-too-large first step multiplies the loss, around Adam: digits from 1
+        2.3 -> 7.8, MNIST-1D from 0.1 2.3 -> 26, the byte-level model from 1 5.8 -> 33; or
+        predicts a fall of many times the loss and falls by a fraction: the byte-level model
+        from 0.1, predicted 31, 5.8 -> 4.6); a fall by the Armijo share proves the rate.
         A failed step is undone: ``theta_{t-1}`` comes back from the snapshot, the rate shrinks,
         and this batch's gradients, taken at the point given up, are not used. Returns the
         loss (reduced across ranks) and whether the step was undone.
@@ -589,13 +594,16 @@ class Newt(torch.optim.Optimizer):
             return f1, False
         f0, d0s = pending.loss, values[1:]
         resolution = LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
-        if math.isfinite(f1) and spike_guard(1.0, f0, f1, self.spike_threshold, self.options) is None:
-            self._start_proven = sufficient_decrease(f0, f1, math.fsum(d0s), self.start_armijo, resolution) is True
+        verdict = next_batch_verdict(f0, f1, math.fsum(d0s), self.start_armijo, self.spike_threshold, resolution)
+        if verdict is not False:
+            self._start_proven = verdict is True
             return f1, False
         _kernels.copy_(local, self._snapshot, foreach=self.foreach)
         self._pending = None
         rates = self._rates.groups
-        proposals = [shrunk_rate(rates[g].adapted, self.options, Decision.SPIKE) for g in unit_groups]
+        spike = spike_guard(1.0, f0, f1, self.spike_threshold, self.options) is not None or not math.isfinite(f1)
+        decision = Decision.SPIKE if spike else Decision.INSUFFICIENT
+        proposals = [shrunk_rate(rates[g].adapted, self.options, decision) for g in unit_groups]
         nans = [math.nan] * len(unit_groups)
         self._finish(f0, f1, d0s, nans, unit_groups, proposals, rejected=True)
         return f1, True

@@ -53,6 +53,7 @@ __all__ = [
     "grown_rate",
     "guard_custom_rule",
     "held_on_ascent",
+    "next_batch_verdict",
     "retsinas",
     "scheduled_proposal",
     "shrunk_rate",
@@ -347,6 +348,28 @@ def sufficient_decrease(f0: float, f1: float, d0: float, armijo: float, resoluti
     if not (all_finite(f0, f1, d0) and d0 > 0.0 and armijo * d0 >= resolution):
         return None
     return f0 - f1 >= armijo * d0
+
+
+def next_batch_verdict(
+    f0: float, f1: float, d0: float, armijo: float, threshold: float, resolution: float = 0.0
+) -> bool | None:
+    """The start-up test of a step judged on the next batch (closure-free mode, given the loss).
+
+    ``f0`` is the loss of the step's batch before the step, ``f1`` the next batch's loss after
+    it, ``d0`` the decrease the step's slope predicted. Two batches differ, so the Armijo
+    condition ``f1 <= f0 - armijo * d0`` is given the tolerance of a loss spike: the step fails
+    (False) when ``f1 > f0 + threshold * |f0| - armijo * max(d0, 0)``, a rise beyond the spike
+    threshold or a fall short of the prediction by more than that tolerance (a far-too-large
+    step predicts a decrease of many times the loss). It passes (True) when
+    :func:`sufficient_decrease` holds, and is undecided (None) in between or when a value is not
+    finite (a non-finite ``f1`` fails). Scale-free, as both tests it combines.
+    """
+    if not all_finite(f0, d0) or math.isnan(f1):
+        return None
+    allowed = f0 + threshold * abs(f0) - armijo * max(d0, 0.0)
+    if f1 > allowed:  # +inf fails; threshold inf allows anything finite
+        return False
+    return True if sufficient_decrease(f0, f1, d0, armijo, resolution) else None
 
 
 def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:

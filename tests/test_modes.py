@@ -284,6 +284,28 @@ def test_closure_free_start_up_test_undoes_a_step_whose_next_loss_rose_and_shrin
     assert torch.allclose(x.detach(), x0 - 0.1 * rate * g0, rtol=0, atol=1e-12)
 
 
+def test_closure_free_start_up_test_undoes_a_step_that_fell_far_short_of_its_prediction():
+    # SGD's step d = lr * g predicts the decrease d0 = lr <g, g>. The given losses fall by half,
+    # which the next batch could explain for a small prediction, not for one of 200 times it.
+    a, b, x = _quadratic(2)
+    g = _grad(a, b, x)
+    lr = 100.0 / float(g @ g)  # d0 = 100
+    opt = Newt(torch.optim.SGD([x], lr=lr), strategy="retsinas", **WIDE)
+    x0 = x.detach().clone()
+    _step_with_loss(opt, a, b, x, loss=1.0)
+    _step_with_loss(opt, a, b, x, loss=0.5)
+    info = opt.step_info
+    assert info.rejected and info.decision == Decision.INSUFFICIENT
+    assert info.d0 == pytest.approx(100.0, rel=1e-12)
+    assert torch.equal(x.detach(), x0) and opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr, rel=1e-15)
+
+    a, b, x = _quadratic(2)  # the same fall after a step that predicted 1: proven, kept
+    opt = Newt(torch.optim.SGD([x], lr=1.0 / float(g @ g)), strategy="retsinas", **WIDE)
+    _step_with_loss(opt, a, b, x, loss=1.0)
+    _step_with_loss(opt, a, b, x, loss=0.5)
+    assert not opt.step_info.rejected
+
+
 def test_closure_free_start_up_test_ends_at_the_first_sufficient_decrease():
     a, b, x = _quadratic(2)
     opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")

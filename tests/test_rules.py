@@ -40,6 +40,7 @@ from newt.rules import (
     grown_rate,
     guard_custom_rule,
     held_on_ascent,
+    next_batch_verdict,
     retsinas,
     scheduled_proposal,
     shrunk_rate,
@@ -909,6 +910,50 @@ def test_sufficient_decrease_hand_examples():
     # 1e-9 a float32 loss of 2.3 does not change at all (f1 == f0) while d0 is 6e-13.
     assert sufficient_decrease(2.3, 2.3, 6e-13, 0.1, resolution=1e-5) is None
     assert sufficient_decrease(2.3, 2.3, 6e-13, 0.1) is False
+
+
+@given(f0=any_finite, f1=any_finite, d0=st.floats(-1e6, 0.0), threshold=st.floats(0.01, 10.0))
+def test_next_batch_verdict_is_the_spike_test_for_a_step_that_predicted_no_decrease(f0, f1, d0, threshold):
+    verdict = next_batch_verdict(f0, f1, d0, 0.1, threshold)
+    assert (verdict is False) is (f1 > f0 + threshold * abs(f0))
+    assert verdict is not True  # sufficient_decrease judges descent steps only
+
+
+@given(f0=any_finite, f1=any_finite, d0=any_finite, armijo=st.floats(0.0, 0.99), threshold=st.floats(0.0, 10.0))
+def test_next_batch_verdict_fails_exactly_beyond_the_tolerant_armijo_bound_and_passes_with_armijo(
+    f0, f1, d0, armijo, threshold
+):
+    verdict = next_batch_verdict(f0, f1, d0, armijo, threshold)
+    bound = f0 + threshold * abs(f0) - armijo * max(d0, 0.0)
+    assert (verdict is False) is (f1 > bound)
+    if verdict is not False:
+        assert (verdict is True) is (sufficient_decrease(f0, f1, d0, armijo) is True)
+
+
+@given(f0=exactly_scalable, f1=exactly_scalable, d0=exactly_scalable, k=st.integers(-60, 60))
+def test_next_batch_verdict_is_invariant_to_scaling_the_loss_by_a_power_of_two(f0, f1, d0, k):
+    c = 2.0**k
+    assert next_batch_verdict(c * f0, c * f1, c * d0, 0.1, 0.25) is next_batch_verdict(f0, f1, d0, 0.1, 0.25)
+
+
+@given(f0=any_finite, f1=any_finite, rise=st.floats(0.0, 1e6), d0=any_finite)
+def test_next_batch_verdict_never_accepts_a_higher_loss_after_failing_a_lower_one(f0, f1, rise, d0):
+    if next_batch_verdict(f0, f1, d0, 0.1, 0.2) is False:
+        assert next_batch_verdict(f0, f1 + rise, d0, 0.1, 0.2) is False
+
+
+def test_next_batch_verdict_hand_examples():
+    # f0 = 2, threshold 0.2: batches may differ by 0.4; armijo 0.1 of a predicted decrease of 10 is 1
+    assert next_batch_verdict(2.0, 2.5, 0.0, 0.1, 0.2) is False  # rose by a quarter: a spike
+    assert next_batch_verdict(2.0, 2.3, 0.0, 0.1, 0.2) is None  # rose within the tolerance
+    assert next_batch_verdict(2.0, 1.0, 10.0, 0.1, 0.2) is True  # fell by the Armijo share
+    assert next_batch_verdict(2.0, 1.3, 10.0, 0.1, 0.2) is None  # 0.3 short of 1: within the 0.4
+    assert next_batch_verdict(2.0, 1.5, 10.0, 0.1, 0.2) is False  # 0.5 short: beyond it
+    assert next_batch_verdict(2.0, 1.5, 100.0, 0.1, 0.2) is False  # predicted 100, fell by 0.5
+    assert next_batch_verdict(2.0, math.inf, 1.0, 0.1, 0.2) is False
+    assert next_batch_verdict(2.0, math.nan, 1.0, 0.1, 0.2) is None
+    assert next_batch_verdict(math.nan, 5.0, 1.0, 0.1, 0.2) is None
+    assert next_batch_verdict(2.0, 1e300, 1.0, 0.1, math.inf) is None  # the policy turned off
 
 
 @all_rules
