@@ -582,7 +582,8 @@ class Newt(torch.optim.Optimizer):
         2.3 -> 7.8, MNIST-1D from 0.1 2.3 -> 26, the byte-level model from 1 5.8 -> 33; or
         predicts a fall of many times the loss and falls by a fraction: the byte-level model
         from 0.1, predicted 31, 5.8 -> 4.6); a fall by the Armijo share proves the rate.
-        A failed step is undone: ``theta_{t-1}`` comes back from the snapshot, the rate shrinks,
+        A failed step is undone, like a failed start in lookahead mode and whatever
+        ``reject_spikes`` says: ``theta_{t-1}`` comes back from the snapshot, the rate shrinks,
         and this batch's gradients, taken at the point given up, are not used. Returns the
         loss (reduced across ranks) and whether the step was undone.
         """
