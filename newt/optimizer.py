@@ -516,7 +516,8 @@ class Newt(torch.optim.Optimizer):
                 "computes the loss on the current batch, calls backward() and returns the loss, as in "
                 "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
             )
-        loss_eps, loss = (0.0, None) if loss is None else (_loss_eps(loss), _loss_tensor(loss, "loss="))
+        if loss is not None:
+            _checked_loss(loss, "loss=")  # on every step, though it is read only at the start
         params = self._params()
         active = _active(
             params,
@@ -534,7 +535,9 @@ class Newt(torch.optim.Optimizer):
             pending = None  # other parameters moved: start a new measurement
         loss_value = None
         if loss is not None and self._on_probation():
-            loss_value, rejected = self._start_test_free(loss, loss_eps, pending, local, unit_groups)
+            loss_value, rejected = self._start_test_free(
+                _loss_tensor(loss, "loss="), _loss_eps(loss), pending, local, unit_groups
+            )
             if rejected:
                 return None
         adapted = False
@@ -1128,6 +1131,14 @@ def _loss_tensor(loss: object, which: str) -> torch.Tensor:
     ``which`` names the closure call ("first", "second (lookahead)"), or is ``"loss="`` for the
     value given to a closure-free ``step``.
     """
+    loss = _checked_loss(loss, which)
+    if isinstance(loss, torch.Tensor):
+        return loss.detach().reshape(()).to(torch.float64)
+    return torch.tensor(float(loss), dtype=torch.float64)
+
+
+def _checked_loss(loss: object, which: str) -> torch.Tensor | numbers.Real:
+    """``loss`` itself if it is a scalar tensor or a real number; otherwise a ``TypeError``."""
     source = "step(loss=...) got" if which == "loss=" else f"the {which} closure call returned"
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
@@ -1135,9 +1146,9 @@ def _loss_tensor(loss: object, which: str) -> torch.Tensor:
                 f"{source} a tensor of shape {tuple(loss.shape)}; it must "
                 "be the scalar loss (reduce it, e.g. with .mean())."
             )
-        return loss.detach().reshape(()).to(torch.float64)
+        return loss
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return torch.tensor(float(loss), dtype=torch.float64)
+        return loss
     hint = "pass the batch's loss tensor" if which == "loss=" else "did you forget 'return loss'?"
     raise TypeError(f"{source} {type(loss).__name__}; it must be the loss as a scalar tensor or a number ({hint}).")
 

@@ -361,8 +361,9 @@ def next_batch_verdict(
     (False) when ``f1 > f0 + threshold * |f0| - armijo * max(d0, 0)``, a rise beyond the spike
     threshold or a fall short of the prediction by more than that tolerance (a far-too-large
     step predicts a decrease of many times the loss). It passes (True) when
-    :func:`sufficient_decrease` holds, and is undecided (None) in between or when a value is not
-    finite (a non-finite ``f1`` fails). Scale-free, as both tests it combines.
+    :func:`sufficient_decrease` holds, and is undecided (None) in between or when ``f0``,
+    ``d0`` or ``f1`` is NaN or ``f0``, ``d0`` infinite (an infinite ``f1`` fails: the step blew
+    the loss up). Scale-free, as both tests it combines.
     """
     if not all_finite(f0, d0) or math.isnan(f1):
         return None

@@ -366,9 +366,10 @@ def test_step_with_a_closure_and_a_loss_is_rejected_before_anything_moves():
     ("loss", "error"),
     [(torch.ones(3), r"step\(loss=\.\.\.\) got a tensor of shape \(3,\)"), ("1.0", r"got str.*scalar tensor")],
 )
-def test_closure_free_step_with_a_loss_that_is_not_a_scalar_says_so(loss, error):
+@pytest.mark.parametrize("start_armijo", [0.1, 0.0])  # 0: the loss is never read, still checked
+def test_closure_free_step_with_a_loss_that_is_not_a_scalar_says_so(loss, error, start_armijo):
     a, b, x = _quadratic(2)
-    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas", start_armijo=start_armijo)
     _backward(opt, a, b, x)
     with pytest.raises(TypeError, match=error):
         opt.step(loss=loss)
