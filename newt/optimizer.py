@@ -360,6 +360,8 @@ class Newt(torch.optim.Optimizer):
         # Lazy updates: a rate increase held back from the plain steps until the next lookahead
         # step, as (unit groups, adapted rates).
         self._deferred: tuple[list[int], list[float]] | None = None
+        # A loss given with give_loss(), waiting for the next closure-free step.
+        self._given_loss: torch.Tensor | float | None = None
 
     # ------------------------------------------------------------------ the step
 
@@ -386,7 +388,8 @@ class Newt(torch.optim.Optimizer):
                 than that, is undone and the rate shrinks. Batch losses vary too much between
                 batches to judge later steps by them, so after the start it is not read (while
                 the start is on probation, reading it costs one host synchronisation per
-                step). Optional.
+                step). Optional; a loop that calls ``step()`` bare can give it beforehand
+                with :meth:`give_loss`.
 
         Returns:
             The loss the first closure call returned (at ``theta_t``); None without a closure.
@@ -398,10 +401,19 @@ class Newt(torch.optim.Optimizer):
         parameters are restored to ``theta_t`` and the exception propagates unchanged; the next
         ``step`` works as usual.
         """
+        given, self._given_loss = self._given_loss, None
+        if given is not None:
+            if loss is not None:
+                raise ValueError(
+                    "Newt.step got loss= while a loss given with give_loss() was waiting for it: give the "
+                    "loss one way only, either opt.give_loss(loss) before opt.step(), or opt.step(loss=loss)."
+                )
+            loss = given
         if closure is not None and loss is not None:
+            source = "a loss from give_loss()" if given is not None else "loss="
             raise ValueError(
-                "Newt.step got both a closure and loss=: with a closure Newt measures the loss itself. "
-                "Pass loss= only to a closure-free step (after your own backward())."
+                f"Newt.step got both a closure and {source}: with a closure Newt measures the loss itself. "
+                "Give the loss only to a closure-free step (after your own backward())."
             )
         self._rates.sync(self.param_groups)
         if closure is None:
@@ -412,6 +424,29 @@ class Newt(torch.optim.Optimizer):
         if self._steps % self.update_every and not self._on_probation():
             return self._plain_step(closure)
         return self._lookahead_step(closure)
+
+    def give_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the next closure-free ``step()`` its loss, for loops that call ``step()`` bare.
+
+        ``opt.give_loss(loss); opt.step()`` is ``opt.step(loss=loss)`` (see :meth:`step`: the
+        loss lets closure-free mode test the initial rate), for training loops that call
+        ``optimizer.step()`` themselves, such as the Hugging Face ``Trainer``
+        (:class:`newt.integrations.huggingface.NewtTrainer` gives it the loss this way). A
+        later call before the step replaces the loss (after a step that a ``GradScaler``
+        skipped, the next window's loss replaces the stale one); the step uses it once.
+
+        Args:
+            loss: The loss whose ``backward()`` filled the gradients the next step uses, a
+                scalar tensor (detached here; reading it waits for the step) or a number. With
+                gradient accumulation, the sum of the micro-batches' losses as each was scaled
+                for its ``backward()``.
+
+        Raises:
+            TypeError: ``loss`` is not a scalar tensor or a real number. The next ``step()``
+                raises ``ValueError`` if it gets a closure or ``loss=`` as well.
+        """
+        loss = _checked_loss(loss, "give_loss()")
+        self._given_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def _on_probation(self) -> bool:
         """The initial rate has not passed the start-up Armijo test yet (see ``start_armijo``).
@@ -929,6 +964,7 @@ class Newt(torch.optim.Optimizer):
             "pending": self._pending_state(),
             "noise": {"averages": self._noise.state_dict(), "probe": self._probe_state()},
             "deferred": None if self._deferred is None else [list(self._deferred[0]), list(self._deferred[1])],
+            "given_loss": None if self._given_loss is None else float(self._given_loss),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -966,6 +1002,8 @@ class Newt(torch.optim.Optimizer):
         self._load_probe(noise_state.get("probe"))
         deferred = newt_state.get("deferred")
         self._deferred = None if deferred is None else ([int(g) for g in deferred[0]], [float(a) for a in deferred[1]])
+        given = newt_state.get("given_loss")  # absent from checkpoints made before give_loss()
+        self._given_loss = None if given is None else float(given)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -1139,7 +1177,8 @@ def _loss_tensor(loss: object, which: str) -> torch.Tensor:
 
 def _checked_loss(loss: object, which: str) -> torch.Tensor | numbers.Real:
     """``loss`` itself if it is a scalar tensor or a real number; otherwise a ``TypeError``."""
-    source = "step(loss=...) got" if which == "loss=" else f"the {which} closure call returned"
+    given = {"loss=": "step(loss=...)", "give_loss()": "give_loss()"}.get(which)
+    source = f"{given} got" if given else f"the {which} closure call returned"
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise TypeError(
@@ -1149,7 +1188,7 @@ def _checked_loss(loss: object, which: str) -> torch.Tensor | numbers.Real:
         return loss
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return loss
-    hint = "pass the batch's loss tensor" if which == "loss=" else "did you forget 'return loss'?"
+    hint = "pass the batch's loss tensor" if given else "did you forget 'return loss'?"
     raise TypeError(f"{source} {type(loss).__name__}; it must be the loss as a scalar tensor or a number ({hint}).")
 
 

@@ -375,6 +375,107 @@ def test_closure_free_step_with_a_loss_that_is_not_a_scalar_says_so(loss, error,
         opt.step(loss=loss)
 
 
+def _given_loss_run(give: str, losses: list[float | None]) -> list[tuple]:
+    """Closure-free steps on a quadratic with far too large a start, each with a loss (None: the
+    true one) passed as ``step(loss=...)`` or first given with ``give_loss``; one record per step."""
+    a, b, x = _quadratic(2)
+    g = _grad(a, b, x)
+    opt = Newt(torch.optim.SGD([x], lr=20 * float(g @ g / (g @ a @ g))), strategy="retsinas", **WIDE)
+    records = []
+    for loss in losses:
+        true_loss = _backward(opt, a, b, x)
+        given = true_loss if loss is None else loss
+        if give == "step":
+            opt.step(loss=given)
+        else:
+            opt.give_loss(given)
+            opt.step()
+        info = opt.step_info
+        records.append((info.decision, info.rejected, info.f0, info.f1, opt.param_groups[0]["lr"], x.detach().clone()))
+    return records
+
+
+def test_give_loss_then_a_bare_step_is_step_with_the_loss():
+    losses = [None, None, None, 0.5, None, None]  # an undone spike first; later the loss given is ignored
+    by_step, by_give = _given_loss_run("step", losses), _given_loss_run("give_loss", losses)
+    assert by_step[1][:2] == (Decision.SPIKE, True)
+    for step, give in zip(by_step, by_give, strict=True):
+        assert step[:5] == give[:5] and torch.equal(step[5], give[5])
+
+
+def _far_too_large_start():
+    """A quadratic and ``Newt(SGD)`` at 20 times the line minimiser's rate: the loss rises."""
+    a, b, x = _quadratic(2)
+    g = _grad(a, b, x)
+    return a, b, x, Newt(torch.optim.SGD([x], lr=20 * float(g @ g / (g @ a @ g))), strategy="retsinas", **WIDE)
+
+
+def test_a_later_given_loss_replaces_an_earlier_one():
+    a, b, x, opt = _far_too_large_start()
+    f0 = _backward(opt, a, b, x)
+    opt.give_loss(1e6)  # stale (a window whose step a GradScaler skipped): replaced before the step
+    opt.give_loss(f0)
+    opt.step()
+    opt.give_loss(_backward(opt, a, b, x))
+    opt.step()
+    assert opt.step_info.rejected and opt.step_info.decision == Decision.SPIKE
+    assert opt.step_info.f0 == float(f0.detach())  # compared with the second loss given, not 1e6
+
+
+def test_a_given_loss_serves_one_step_only():
+    a, b, x, opt = _far_too_large_start()
+    f0 = _backward(opt, a, b, x)
+    opt.give_loss(f0)
+    opt.step()
+    start = x.detach().clone()
+    assert _backward(opt, a, b, x) > 1.2 * f0
+    opt.step()  # nothing given this time: no test, although the loss rose by more than a fifth
+    assert not opt.step_info.rejected and opt.step_info.decision != Decision.SPIKE
+    assert not torch.equal(x.detach(), start)
+
+
+def test_a_given_loss_with_loss_or_a_closure_is_rejected_before_anything_moves():
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    loss = _backward(opt, a, b, x)
+    before = x.detach().clone()
+    opt.give_loss(loss)
+    with pytest.raises(ValueError, match="give the loss one way only"):
+        opt.step(loss=loss)
+    opt.give_loss(loss)
+    with pytest.raises(ValueError, match="both a closure and a loss from give_loss"):
+        opt.step(lambda: _backward(opt, a, b, x))
+    assert torch.equal(x.detach(), before) and opt.step_info is None
+    opt.step()  # the given loss was used up by the refused calls: a plain closure-free step
+    assert opt.step_info.decision == Decision.PLAIN and not torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize(
+    ("loss", "error"),
+    [(torch.ones(3), r"give_loss\(\) got a tensor of shape \(3,\)"), (None, r"give_loss\(\) got NoneType")],
+)
+def test_give_loss_with_a_loss_that_is_not_a_scalar_says_so_at_once(loss, error):
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    with pytest.raises(TypeError, match=error):
+        opt.give_loss(loss)
+
+
+def test_a_given_loss_goes_into_the_checkpoint():
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    assert opt.state_dict()["newt"]["given_loss"] is None
+    opt.give_loss(torch.tensor(2.5, requires_grad=True) * 1.0)  # detached when given
+    state = opt.state_dict()
+    assert state["newt"]["given_loss"] == 2.5
+    resumed = Newt(torch.optim.SGD([x], lr=0.1), strategy="retsinas")
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["newt"]["given_loss"] == 2.5
+    del state["newt"]["given_loss"]  # a checkpoint from before give_loss existed
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["newt"]["given_loss"] is None
+
+
 def test_a_closure_step_ends_a_closure_free_measurement():
     a, b, x = _quadratic(3)
     opt = Newt(torch.optim.SGD([x], lr=0.01), strategy="retsinas")
