@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from newt import Decision, Newt  # noqa: E402
+from newt.integrations.huggingface import NewtTrainer  # noqa: E402
 from tests.devices import needs_cuda  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -99,7 +100,18 @@ class _Recorder(transformers.TrainerCallback):
         self.multipliers.append(self.opt.state_dict()["newt"]["rates"][0][1])
 
 
-def _train(tmp_path, opt: Newt, model, scheduler, max_steps: int, resume=None, use_cpu=True, **training_args):
+def _train(
+    tmp_path,
+    opt,
+    model,
+    scheduler,
+    max_steps: int,
+    resume=None,
+    use_cpu=True,
+    trainer_class=None,
+    callbacks=(),
+    **training_args,
+):
     """Train with ``optimizers=(opt, scheduler)``; returns the trainer and the recorder."""
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -113,8 +125,8 @@ def _train(tmp_path, opt: Newt, model, scheduler, max_steps: int, resume=None, u
         **{"save_strategy": "no", **training_args},
     )
     recorder = _Recorder(opt)
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_dataset(), optimizers=(opt, scheduler), callbacks=[recorder]
+    trainer = (trainer_class or transformers.Trainer)(
+        model=model, args=args, train_dataset=_dataset(), optimizers=(opt, scheduler), callbacks=[recorder, *callbacks]
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, recorder
@@ -283,6 +295,105 @@ def test_trainer_checkpoint_resume_continues_newts_trajectory(tmp_path):
     # Steps 1..save_at of the resumed history come from the checkpoint; the rest were recomputed.
     assert _logged(resumed, "loss")[save_at:] == pytest.approx(_logged(full, "loss")[save_at:], rel=1e-6)
     assert max(rec.inner_rates) > 10 * START_LR
+
+
+# ------------------------------------------------------------ NewtTrainer: the loss reaches Newt
+
+
+def _spy_on_given_losses(opt: Newt) -> list[float]:
+    """The losses given to ``opt`` through ``give_loss``, in order, as floats."""
+    given: list[float] = []
+    give_loss = opt.give_loss
+
+    def recording_give_loss(loss):
+        given.append(float(loss))
+        give_loss(loss)
+
+    opt.give_loss = recording_give_loss
+    return given
+
+
+class _Parameters(transformers.TrainerCallback):
+    """The model's parameters after each optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.after_step: list[list[torch.Tensor]] = []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.after_step.append([p.detach().clone() for p in self.model.parameters()])
+
+
+def test_newt_trainer_undoes_a_far_too_large_start_that_the_plain_trainer_keeps(tmp_path):
+    """From lr=1 around AdamW the first step wrecks the tiny GPT-2 (its next batch's loss 5.4 ->
+    17, measured). Given the loss, Newt undoes it; the plain Trainer cannot and never recovers."""
+    steps, start = 30, 1.0
+    runs = {}
+    for name, trainer_class in [("plain", transformers.Trainer), ("newt", NewtTrainer)]:
+        model = _model()
+        initial = [p.detach().clone() for p in model.parameters()]
+        opt = Newt(torch.optim.AdamW(model.parameters(), lr=start))
+        given = _spy_on_given_losses(opt)
+        params = _Parameters(model)
+        trainer, rec = _train(
+            tmp_path / name, opt, model, _noop_scheduler(opt), steps, trainer_class=trainer_class, callbacks=[params]
+        )
+        runs[name] = (trainer, rec, opt, given, initial, params.after_step)
+
+    trainer, rec, opt, given, initial, after_step = runs["newt"]
+    # One loss per optimizer step, the one the Trainer logged for that step (its own accumulation).
+    assert given == pytest.approx(_logged(trainer, "loss"), rel=1e-6)
+    # Step 2 saw the first step's damage on its batch: it put the initial parameters back, bit for
+    # bit, took no step from them (its gradients were taken at the point given up), cut the rate.
+    assert rec.decisions[1] is Decision.SPIKE and opt.state_dict()["newt"]["rejected"] >= 1
+    assert all(torch.equal(p, q) for p, q in zip(after_step[1], initial))
+    assert not all(torch.equal(p, q) for p, q in zip(after_step[0], initial))
+    # (The recorder sees the rates of the inner steps taken: step 2 took none.)
+    assert rec.inner_rates[:2] == [start, pytest.approx(0.1 * start, rel=1e-12)]
+    assert len(rec.inner_rates) == steps - opt.state_dict()["newt"]["rejected"]
+
+    plain_trainer, plain_rec, plain_opt, plain_given, _, _ = runs["plain"]
+    assert plain_given == [] and plain_opt.state_dict()["newt"]["rejected"] == 0
+    assert Decision.SPIKE not in plain_rec.decisions
+    assert _loss_drop(trainer)[1] < _loss_drop(plain_trainer)[1] - 1.0
+
+
+def test_newt_trainer_gives_each_accumulated_steps_loss_and_changes_nothing_else_from_a_small_start(tmp_path):
+    steps = 8
+    runs = {}
+    for name, trainer_class in [("plain", transformers.Trainer), ("newt", NewtTrainer)]:
+        model = _model()
+        opt = _newt(model, "auto")
+        given = _spy_on_given_losses(opt)
+        trainer, rec = _train(
+            tmp_path / name,
+            opt,
+            model,
+            _noop_scheduler(opt),
+            steps,
+            trainer_class=trainer_class,
+            gradient_accumulation_steps=2,
+        )
+        runs[name] = (trainer, rec, given)
+
+    trainer, rec, given = runs["newt"]
+    # One loss per optimizer step: the sum over its two micro-batches of the loss each scaled for
+    # its backward(), which is what the Trainer logs for the step (accumulated on its own).
+    assert len(given) == steps
+    assert given == pytest.approx(_logged(trainer, "loss"), rel=1e-6)
+    # From 1e-5 every step passes the start-up test: the run is the plain Trainer's, bit for bit.
+    plain_trainer, plain_rec, _ = runs["plain"]
+    assert rec.inner_rates == plain_rec.inner_rates and rec.decisions == plain_rec.decisions
+    assert _logged(trainer, "loss") == _logged(plain_trainer, "loss")
+
+
+def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):
+    model = _model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=START_LR)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=2, report_to=[])
+    trainer = NewtTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(adamw, None))
+    with pytest.raises(TypeError, match=r"optimizer is .* with no Newt inside: pass optimizers=\(Newt\("):
+        trainer.train()
 
 
 @needs_cuda
