@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from newt import Decision, Newt
+from newt.schedulers import FactorLR
 from tests.models import train_regression
 from tests.reference import random_quadratic
 
@@ -611,6 +612,63 @@ def test_with_a_scheduler_the_rate_used_is_always_the_schedule_factor_times_the_
         assert opt.step_info.alpha == pytest.approx(factor * adapted_before, rel=1e-12), t
         assert opt.param_groups[0]["lr"] == pytest.approx(factor * rate.adapted, rel=1e-12), t
         scheduler.step()
+
+
+def _warm_up_decay_restart(step: int) -> float:
+    """Warm-up from 0 over 3 steps, linear decay to 0 at step 10, then a restart from 0."""
+    step %= 10
+    return min(step / 3, 1.0) * (10 - step) / 10
+
+
+def test_factor_lr_around_a_plain_optimizer_gives_lambda_lrs_rates():
+    def rates(scheduler_class) -> list[list[float]]:
+        w, v = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+        opt = torch.optim.SGD([{"params": [w], "lr": 0.3}, {"params": [v], "lr": 0.01}])
+        scheduler = scheduler_class(opt, [_warm_up_decay_restart, lambda step: 0.9**step])
+        seen = []
+        for _ in range(25):
+            seen.append([group["lr"] for group in opt.param_groups])
+            opt.step()
+            scheduler.step()
+        return seen
+
+    factor, absolute = rates(FactorLR), rates(torch.optim.lr_scheduler.LambdaLR)
+    assert absolute[0] == [0.0, 0.01] and absolute[10] == [0.0, 0.01 * 0.9**10]  # zeros are in the test
+    for ours, theirs in zip(factor, absolute, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize("scheduler_class", ["FactorLR", "LambdaLR"])
+def test_factor_lr_multiplies_newts_adapted_rate_where_lambda_lr_overwrites_it(scheduler_class):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), strategy="gen")
+    scheduler = {"FactorLR": FactorLR, "LambdaLR": torch.optim.lr_scheduler.LambdaLR}[scheduler_class](
+        opt, _warm_up_decay_restart
+    )
+    used, expected = [], []
+    for t in range(14):
+        x, y = torch.randn(16, 6), torch.randn(16, 1)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        adapted_before = opt._rates.groups[0].adapted
+        opt.step(closure)
+        used.append(opt.step_info.alpha)
+        expected.append(_warm_up_decay_restart(t) * adapted_before)
+        if scheduler_class == "FactorLR":
+            assert opt._rates.groups[0].multiplier == pytest.approx(_warm_up_decay_restart(t), rel=1e-9), t
+        scheduler.step()
+    if scheduler_class == "FactorLR":
+        assert used == pytest.approx(expected, rel=1e-9, abs=0.0)
+        assert max(used) > 10 * 1e-3  # the adapted rate grew under the schedule
+    else:  # until the first zero, each step runs at the schedule from 1e-3: the adaptation is lost
+        assert used[:10] == pytest.approx([1e-3 * _warm_up_decay_restart(t) for t in range(10)], rel=1e-12)
+        assert used[:10] != pytest.approx(expected[:10], rel=1e-3)
 
 
 # ---------------------------------------------------------------- checkpoints in every mode

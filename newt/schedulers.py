@@ -1,0 +1,38 @@
+"""A factor schedule that multiplies ``Newt``'s adapted rate: the chainable form of ``LambdaLR``."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FactorLR"]
+
+
+class FactorLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose factor ``lr_lambda(step)`` multiplies the rate the optimizer holds.
+
+    ``LambdaLR`` writes the absolute rate ``initial_lr * lr_lambda(step)``, which overwrites the
+    rate ``Newt`` adapted (docs/schedulers.md). ``FactorLR`` takes the same functions and writes
+    each step's factor as a ratio to the last one, ``lr * lr_lambda(step) / lr_lambda(step - 1)``,
+    which ``Newt`` reads as its multiplier: the rate used at step t is ``lr_lambda(t)`` times the
+    adapted rate. Around a plain optimizer the rates are ``LambdaLR``'s, up to rounding. After a
+    factor of 0 (the first step of a warm-up from zero, or a cyclic schedule's trough) there is
+    no ratio, and it writes ``initial_lr * lr_lambda(step)``, which ``Newt`` reads as the factor
+    itself (a return from zero keeps the adapted rate).
+
+    Args:
+        optimizer: The optimizer, usually a :class:`newt.Newt`.
+        lr_lambda: The factor as a function of the step, or one function per param group,
+            as for ``LambdaLR`` (e.g. the ``lr_lambdas`` of a scheduler from Hugging Face's
+            ``get_scheduler``).
+        last_epoch: As for ``LambdaLR``.
+    """
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        """Each group's rate times the ratio of this step's factor to the last step's."""
+        step = self.last_epoch
+        rates: list[float | torch.Tensor] = []
+        for group, factor_of, base in zip(self.optimizer.param_groups, self.lr_lambdas, self.base_lrs, strict=True):
+            now = float(factor_of(step))
+            before = float(factor_of(step - 1)) if step > 0 else 1.0
+            rates.append(group["lr"] * (now / before) if before != 0.0 else base * now)
+        return rates
