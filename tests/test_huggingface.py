@@ -30,6 +30,7 @@ pytest.importorskip("accelerate")
 
 from newt import Decision, Newt  # noqa: E402
 from newt.integrations.huggingface import NewtTrainer  # noqa: E402
+from newt.schedulers import FactorLR  # noqa: E402
 from tests.devices import needs_cuda  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -385,6 +386,36 @@ def test_newt_trainer_gives_each_accumulated_steps_loss_and_changes_nothing_else
     plain_trainer, plain_rec, _ = runs["plain"]
     assert rec.inner_rates == plain_rec.inner_rates and rec.decisions == plain_rec.decisions
     assert _logged(trainer, "loss") == _logged(plain_trainer, "loss")
+
+
+@pytest.mark.parametrize("lr_scheduler_type", ["linear", "cosine", "constant_with_warmup"])
+def test_newt_trainer_applies_the_built_schedule_as_a_factor_on_newts_rate(tmp_path, lr_scheduler_type):
+    """With ``optimizers=(newt, None)`` the plain Trainer's ``LambdaLR`` erases the adaptation
+    (the tests above); ``NewtTrainer`` turns it into a ``FactorLR`` with the same factors."""
+    steps, warmup = 30, 3
+    model = _model()
+    opt = _newt(model, "auto")
+    trainer, rec = _train(
+        tmp_path,
+        opt,
+        model,
+        None,
+        steps,
+        trainer_class=NewtTrainer,
+        lr_scheduler_type=lr_scheduler_type,
+        warmup_steps=warmup,
+    )
+    assert type(getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)) is FactorLR
+    # Hugging Face's own factors, from its get_scheduler on a throwaway optimizer.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = transformers.get_scheduler(
+        lr_scheduler_type, probe, num_warmup_steps=warmup, num_training_steps=steps
+    ).lr_lambdas[0]
+    assert rec.multipliers == pytest.approx([factor(t) for t in range(steps)], rel=1e-9, abs=1e-15)
+    assert rec.multipliers[0] == 0.0  # a warm-up from zero: the first step does not move
+    assert max(rec.inner_rates) > 100 * START_LR, rec.inner_rates
+    first, last = _loss_drop(trainer)
+    assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
 
 
 def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):

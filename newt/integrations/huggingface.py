@@ -1,19 +1,24 @@
-"""The Hugging Face ``Trainer`` giving ``Newt`` the loss of each optimizer step.
+"""The Hugging Face ``Trainer`` made to work with ``Newt``: the loss and the schedule.
 
-The Trainer runs its own forward and ``backward()`` and calls ``optimizer.step()`` bare, so
-``Newt`` works in closure-free mode, and without the loss it cannot test the initial rate: from
-a far-too-large start the first steps can wreck the model (docs/integrations/huggingface.md).
-:class:`NewtTrainer` (or :class:`NewtLossMixin` in front of another ``Trainer`` subclass) hands
-the loss to the optimizer through :meth:`newt.Newt.give_loss` before each optimizer step, which
-is what ``opt.step(loss=loss)`` does in a hand-written loop.
+The plain ``Trainer`` takes a ``Newt`` (docs/integrations/huggingface.md), with two gaps that
+:class:`NewtTrainer` (or :class:`NewtTrainerMixin` in front of another ``Trainer`` subclass)
+closes:
+
+- The Trainer runs its own forward and ``backward()`` and calls ``optimizer.step()`` bare, so
+  ``Newt`` works in closure-free mode and, without the loss, cannot test the initial rate: from
+  a far-too-large start the first steps can wreck the model. ``NewtTrainer`` hands each
+  optimizer step's loss to :meth:`newt.Newt.give_loss`, which is what ``opt.step(loss=loss)``
+  does in a hand-written loop.
+- Without a scheduler of yours, the Trainer builds a ``LambdaLR`` from ``lr_scheduler_type``,
+  whose absolute rates overwrite ``Newt``'s. ``NewtTrainer`` turns it into a
+  :class:`newt.schedulers.FactorLR` with the same factors, which multiply ``Newt``'s rate.
 
 Usage::
 
     from newt.integrations.huggingface import NewtTrainer
 
     opt = Newt(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    scheduler = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    trainer = NewtTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, scheduler))
+    trainer = NewtTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
 """
 
 from __future__ import annotations
@@ -24,20 +29,24 @@ import torch
 import transformers
 
 from newt.optimizer import Newt
+from newt.schedulers import FactorLR
 
-__all__ = ["NewtLossMixin", "NewtTrainer", "unwrap_newt"]
+__all__ = ["NewtTrainer", "NewtTrainerMixin", "unwrap_newt"]
 
 
-class NewtLossMixin:
-    """Give ``Newt`` the loss of each optimizer step; put it first among a ``Trainer``'s bases.
+class NewtTrainerMixin:
+    """Give ``Newt`` each step's loss and a schedule it composes with; put it first in the bases.
 
-    ``class MyTrainer(NewtLossMixin, SomeTrainer)`` works with any subclass of
-    ``transformers.Trainer`` that keeps its ``training_step``. Each micro-batch's loss, as
-    ``training_step`` returns it (scaled for gradient accumulation, so the window's sum is the
-    loss whose gradient the optimizer step uses), is added up on the device, and on the
-    micro-batch that ends the window (Accelerate's ``sync_gradients``) the sum goes to
-    :meth:`newt.Newt.give_loss`. Nothing is read on the host here; ``Newt`` reads the loss only
-    while the initial rate is on probation.
+    ``class MyTrainer(NewtTrainerMixin, SomeTrainer)`` works with any subclass of
+    ``transformers.Trainer`` that keeps its ``training_step`` and ``create_scheduler``.
+
+    The loss: each micro-batch's loss, as ``training_step`` returns it (scaled for gradient
+    accumulation, so the window's sum is the loss whose gradient the optimizer step uses), is
+    added up on the device, and on the micro-batch that ends the window (Accelerate's
+    ``sync_gradients``) the sum goes to :meth:`newt.Newt.give_loss`. Nothing is read on the
+    host here; ``Newt`` reads the loss only while the initial rate is on probation.
+
+    The schedule: see :meth:`create_scheduler`.
     """
 
     _newt_window_loss: torch.Tensor | None = None
@@ -53,12 +62,30 @@ class NewtLossMixin:
         self._newt_window_loss = window
         return loss
 
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The Trainer's scheduler; a ``LambdaLR`` it built becomes a ``FactorLR`` with its factors.
 
-class NewtTrainer(NewtLossMixin, transformers.Trainer):
-    """``transformers.Trainer`` that gives its ``Newt`` optimizer the loss of every step.
+        A scheduler passed in ``optimizers=`` is kept as it is, and so are the built types that
+        are not ``LambdaLR`` (``"reduce_lr_on_plateau"``, ``"greedy"``).
+        """
+        passed = self.lr_scheduler is not None  # type: ignore[attr-defined]
+        scheduler = super().create_scheduler(num_training_steps, optimizer)  # type: ignore[misc]
+        if passed or type(scheduler) is not torch.optim.lr_scheduler.LambdaLR:
+            return scheduler
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]  # take back LambdaLR's first write
+        self.lr_scheduler = FactorLR(scheduler.optimizer, scheduler.lr_lambdas)
+        return self.lr_scheduler
 
-    Pass the optimizer and a chainable scheduler, ``optimizers=(Newt(...), scheduler)``, as
-    with the plain ``Trainer`` (docs/integrations/huggingface.md explains why the scheduler).
+
+class NewtTrainer(NewtTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` for a ``Newt`` optimizer: see :class:`NewtTrainerMixin`.
+
+    Pass ``optimizers=(Newt(...), None)`` to get ``lr_scheduler_type`` (and the warm-up
+    arguments) as a factor on ``Newt``'s rate, or ``optimizers=(Newt(...), scheduler)`` with a
+    chainable scheduler of yours.
     """
 
 
@@ -73,7 +100,7 @@ def unwrap_newt(optimizer: object) -> Newt:
         inner = getattr(found, "optimizer", None)
         if inner is None or inner is found:
             raise TypeError(
-                f"NewtLossMixin gives the loss to a Newt optimizer, but the Trainer's optimizer is "
+                f"NewtTrainer gives the loss to a Newt optimizer, but the Trainer's optimizer is "
                 f"{type(optimizer).__name__} with no Newt inside: pass "
                 "optimizers=(Newt(inner_optimizer), scheduler) to the Trainer."
             )
