@@ -8,11 +8,13 @@ steps.
 from newt._numerics import Decision, Proposal
 from newt.optimizer import GroupStepInfo, Newt, StepInfo
 from newt.rules import DEFAULT_OPTIONS, STRATEGIES, RuleOptions, gen, gen_slopes, retsinas, taylor
+from newt.schedulers import FactorLR
 
 __all__ = [
     "DEFAULT_OPTIONS",
     "STRATEGIES",
     "Decision",
+    "FactorLR",
     "GroupStepInfo",
     "Newt",
     "Proposal",
