@@ -248,3 +248,15 @@ def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(ca
 def test_the_overhead_models_have_the_sizes_the_docs_give(task, parameters):
     model, _ = overhead.TASKS[task]("cpu")
     assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+@pytest.mark.slow
+def test_the_trainer_benchmark_undoes_the_start_at_1_under_newt_trainer_only(offline) -> None:
+    pytest.importorskip("transformers")
+    from benchmarks import trainer_starts
+
+    plain = trainer_starts.train("Newt(AdamW), Trainer", 1.0, steps=6, seed=0)
+    given = trainer_starts.train("Newt(AdamW), NewtTrainer", 1.0, steps=6, seed=0)
+    assert plain[2] == 0 and given[2] == 1  # steps undone
+    assert given[1] < plain[1]  # held-out loss after 6 steps
+    assert given[3] < plain[3]  # the final rate: a tenfold cut when the start was undone
