@@ -20,10 +20,12 @@ are pinned below, so that a change in either library is noticed.
 from __future__ import annotations
 
 import collections
+import os
 import pathlib
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -32,6 +34,7 @@ from newt import Decision, Newt  # noqa: E402
 from newt.integrations.huggingface import NewtTrainer  # noqa: E402
 from newt.schedulers import FactorLR  # noqa: E402
 from tests.devices import needs_cuda  # noqa: E402
+from tests.test_distributed import _free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -86,6 +89,7 @@ class _Recorder(transformers.TrainerCallback):
         self.opt = opt
         self.inner_rates: list[float] = []
         self.decisions: list[Decision] = []
+        self.compared: list[tuple[float, float]] = []  # step_info's (f0, f1): NaN unless losses were compared
         self.multipliers: list[float] = []
         inner_step = opt.inner.step
 
@@ -98,6 +102,7 @@ class _Recorder(transformers.TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Called right after optimizer.step(), before the Trainer steps its scheduler.
         self.decisions.append(self.opt.step_info.decision)
+        self.compared.append((self.opt.step_info.f0, self.opt.step_info.f1))
         self.multipliers.append(self.opt.state_dict()["newt"]["rates"][0][1])
 
 
@@ -425,6 +430,64 @@ def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):
     trainer = NewtTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(adamw, None))
     with pytest.raises(TypeError, match=r"optimizer is .* with no Newt inside: pass optimizers=\(Newt\("):
         trainer.train()
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two CPU ranks running ``NewtTrainer`` under DDP (gloo) from ``lr=1``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+    model = _model()
+    opt = Newt(torch.optim.AdamW(model.parameters(), lr=1.0))
+    given = _spy_on_given_losses(opt)
+    trainer, rec = _train(
+        pathlib.Path(out_dir) / f"out{rank}",
+        opt,
+        model,
+        _noop_scheduler(opt),
+        12,
+        trainer_class=NewtTrainer,
+        ddp_backend="gloo",
+    )
+    torch.save(
+        {
+            "world": torch.distributed.get_world_size(),
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "rates": rec.inner_rates,
+            "decisions": [str(d) for d in rec.decisions],
+            "compared": rec.compared[1],
+            "given": given,
+            "logged": _logged(trainer, "loss"),
+            "params": [p.detach().clone() for p in model.parameters()],
+        },
+        pathlib.Path(out_dir) / f"rank{rank}.pt",
+    )
+
+
+def test_newt_trainer_under_ddp_undoes_the_same_step_on_both_ranks(tmp_path):
+    """Two CPU processes (gloo) launched as ``torchrun`` would: each rank gives ``Newt`` its own
+    batch's loss, ``Newt`` averages them, and both ranks take the same decisions and rates."""
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for result in ranks:
+        assert result["world"] == 2 and result["wrapped"] == "DistributedDataParallel"
+        assert result["decisions"][:2] == ["plain", "spike"]  # the start at 1 undone at step 2
+    first, second = ranks
+    assert first["rates"] == second["rates"] and first["decisions"] == second["decisions"]
+    assert all(torch.equal(p, q) for p, q in zip(first["params"], second["params"], strict=True))
+    # Each rank gave its own batch's loss; the Trainer logs their mean, which is what Newt used.
+    assert first["given"] != second["given"]
+    means = [(a + b) / 2 for a, b in zip(first["given"], second["given"], strict=True)]
+    assert first["logged"] == second["logged"] == pytest.approx(means, rel=1e-6)
+    assert first["compared"] == second["compared"] == pytest.approx(tuple(means[:2]), rel=1e-6)
 
 
 @needs_cuda
