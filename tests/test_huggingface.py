@@ -28,10 +28,10 @@ import torch
 import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+accelerate = pytest.importorskip("accelerate")
 
 from newt import Decision, Newt  # noqa: E402
-from newt.integrations.huggingface import NewtTrainer  # noqa: E402
+from newt.integrations.huggingface import NewtTrainer, unwrap_newt  # noqa: E402
 from newt.schedulers import FactorLR  # noqa: E402
 from tests.devices import needs_cuda  # noqa: E402
 from tests.test_distributed import _free_port  # noqa: E402
@@ -430,6 +430,52 @@ def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):
     trainer = NewtTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(adamw, None))
     with pytest.raises(TypeError, match=r"optimizer is .* with no Newt inside: pass optimizers=\(Newt\("):
         trainer.train()
+
+
+def _accelerate_loop(mode: str, lr: float = 1.0) -> tuple[float, int]:
+    """A hand-written Accelerate loop around ``Newt``; the mean loss of its last 5 steps, steps undone.
+
+    ``mode``: ``"closure"`` (lookahead, through ``AcceleratedOptimizer.step(closure)``), ``"give"``
+    (closure-free, the loss given to the unwrapped ``Newt``) or ``"bare"`` (closure-free, no loss).
+    """
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _model()
+    opt = Newt(torch.optim.AdamW(model.parameters(), lr=lr))
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=BATCH_SIZE, shuffle=False)
+    model, prepared, loader = accelerator.prepare(model, opt, loader)
+    assert unwrap_newt(prepared) is opt
+    losses = []
+    for batch in loader:
+        if mode == "closure":
+
+            def closure():
+                prepared.zero_grad()
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                return loss
+
+            prepared.step(closure)  # AcceleratedOptimizer.step returns None: read the loss from Newt
+            losses.append(opt.step_info.f0)
+            continue
+        prepared.zero_grad()
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if mode == "give":
+            unwrap_newt(prepared).give_loss(loss)
+        prepared.step()
+        losses.append(float(loss.detach()))
+    return sum(losses[-5:]) / 5, opt.state_dict()["newt"]["rejected"]
+
+
+def test_a_hand_written_accelerate_loop_passes_a_closure_or_gives_the_loss_through_its_wrapper():
+    """``AcceleratedOptimizer.step`` takes a closure but no ``loss=``: ``give_loss`` on the ``Newt``
+    inside does it. From ``lr=1`` both undo the far-too-large start; the bare step cannot."""
+    bare_loss, bare_undone = _accelerate_loop("bare")
+    assert bare_undone == 0
+    for mode in ("closure", "give"):
+        loss, undone = _accelerate_loop(mode)
+        assert undone >= 1, mode
+        assert loss < bare_loss - 1.0, (mode, loss, bare_loss)
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
