@@ -28,11 +28,16 @@ class FactorLR(torch.optim.lr_scheduler.LambdaLR):
     """
 
     def get_lr(self) -> list[float | torch.Tensor]:
-        """Each group's rate times the ratio of this step's factor to the last step's."""
+        """Each group's rate times the ratio of this step's factor to the one it was written for."""
         step = self.last_epoch
+        # The step whose factor the rates in the groups carry: the last one written here, or (at
+        # construction) none on a fresh start and the step before on ``last_epoch`` >= 0.
+        # ``scheduler.step(epoch)`` may jump; the ratio is taken to the factor actually applied.
+        written_for = getattr(self, "_written_for", step - 1)
+        self._written_for = step
         rates: list[float | torch.Tensor] = []
         for group, factor_of, base in zip(self.optimizer.param_groups, self.lr_lambdas, self.base_lrs, strict=True):
             now = float(factor_of(step))
-            before = float(factor_of(step - 1)) if step > 0 else 1.0
+            before = float(factor_of(written_for)) if written_for >= 0 else 1.0
             rates.append(group["lr"] * (now / before) if before != 0.0 else base * now)
         return rates

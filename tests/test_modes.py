@@ -638,6 +638,22 @@ def test_factor_lr_around_a_plain_optimizer_gives_lambda_lrs_rates():
         assert ours == pytest.approx(theirs, rel=1e-12, abs=0.0)
 
 
+@pytest.mark.filterwarnings("ignore:The epoch parameter")  # scheduler.step(epoch) is deprecated, still used
+def test_factor_lr_takes_the_ratio_to_the_factor_it_applied_when_step_jumps():
+    def rate_after(scheduler_class, epochs: list[int | None]) -> float:
+        w = torch.zeros(2, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=0.3)
+        scheduler = scheduler_class(opt, lambda step: 1.0 / (1 + step))
+        for epoch in epochs:
+            opt.step()
+            scheduler.step(epoch)
+        return opt.param_groups[0]["lr"]
+
+    for epochs in ([None, None, 7], [5, 2, None]):
+        expected = rate_after(torch.optim.lr_scheduler.LambdaLR, epochs)
+        assert rate_after(FactorLR, epochs) == pytest.approx(expected, rel=1e-12), epochs
+
+
 @pytest.mark.parametrize("scheduler_class", ["FactorLR", "LambdaLR"])
 def test_factor_lr_multiplies_newts_adapted_rate_where_lambda_lr_overwrites_it(scheduler_class):
     torch.manual_seed(0)
