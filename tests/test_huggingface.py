@@ -423,6 +423,34 @@ def test_newt_trainer_applies_the_built_schedule_as_a_factor_on_newts_rate(tmp_p
     assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
 
 
+def test_newt_trainer_resumes_with_its_factor_schedule_where_it_stopped(tmp_path):
+    steps, save_at = 16, 8
+
+    def run(output_dir, **kwargs):
+        model = _model()
+        opt = _newt(model, "auto")
+        _, rec = _train(
+            output_dir,
+            opt,
+            model,
+            None,
+            steps,
+            trainer_class=NewtTrainer,
+            lr_scheduler_type="linear",
+            warmup_steps=2,
+            **kwargs,
+        )
+        return rec
+
+    full = run(tmp_path / "full", save_strategy="steps", save_steps=save_at)
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / f"checkpoint-{save_at}"))
+    # The schedule's position came back with the scheduler's state, Newt's rates with its own:
+    # the resumed steps use the same factors and rates as the uninterrupted run.
+    assert len(resumed.decisions) == steps - save_at
+    assert resumed.multipliers == pytest.approx(full.multipliers[save_at:], rel=1e-9)
+    assert resumed.inner_rates == pytest.approx(full.inner_rates[save_at:], rel=1e-6)
+
+
 def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):
     model = _model()
     adamw = torch.optim.AdamW(model.parameters(), lr=START_LR)
