@@ -25,6 +25,7 @@ from newt.rules import (
     Proposal,
     Rule,
     RuleOptions,
+    blew_up,
     gen_slopes,
     grown_rate,
     guard_custom_rule,
@@ -178,6 +179,14 @@ class Newt(torch.optim.Optimizer):
         reject_spikes: Undo a loss-spike step: put the parameters back at ``theta_t`` (bit for
             bit, from the snapshot buffer), so the next step retries from there with the
             smaller rate.
+        blow_up_threshold: Closure-free mode given the loss (``step(loss=...)``), after the
+            start-up test: a step after which the next batch's loss exceeds the first loss
+            read (the untrained model's) by more than ``blow_up_threshold`` times its size
+            (default 0.5: more than 1.5 times it) blew up; it is treated as a loss spike (the
+            rate shrinks; undone if ``reject_spikes``). Batch losses late in training vary too
+            much for the spike threshold, but a healthy run does not climb back above where
+            it started (see :func:`newt.rules.blew_up`). In (0, inf]; ``math.inf`` turns it
+            off.
         start_armijo: The initial rate is the caller's guess, so it is on probation: until one
             step's loss falls by at least ``start_armijo`` times the decrease its slope
             predicts (``f0 - f1 >= start_armijo * D0`` on the same batch, Armijo's
@@ -260,6 +269,7 @@ class Newt(torch.optim.Optimizer):
         shrink: float = DEFAULT_OPTIONS.shrink,
         spike_threshold: float = 0.2,
         reject_spikes: bool = True,
+        blow_up_threshold: float = 0.5,
         start_armijo: float = 0.1,
         hold_on_ascent: bool = True,
         reject_nonfinite: bool = False,
@@ -295,6 +305,15 @@ class Newt(torch.optim.Optimizer):
             hint="spike_threshold is the relative loss rise that counts as a spike, e.g. 0.2 (math.inf: off).",
         )
         self.reject_spikes = _check_flag("reject_spikes", reject_spikes)
+        self.blow_up_threshold = check_real(
+            "blow_up_threshold",
+            blow_up_threshold,
+            low=0,
+            high=math.inf,
+            low_open=True,
+            high_open=False,
+            hint="blow_up_threshold is the rise above the first loss counted as a blow-up, e.g. 0.5 (math.inf: off).",
+        )
         self.start_armijo = check_real(
             "start_armijo",
             start_armijo,
@@ -362,6 +381,9 @@ class Newt(torch.optim.Optimizer):
         self._deferred: tuple[list[int], list[float]] | None = None
         # A loss given with give_loss(), waiting for the next closure-free step.
         self._given_loss: torch.Tensor | float | None = None
+        # Closure-free mode given the loss: the first loss read (the untrained model's, reduced
+        # across ranks), against which later losses are checked for a blow-up.
+        self._loss_reference: float | None = None
 
     # ------------------------------------------------------------------ the step
 
@@ -385,11 +407,13 @@ class Newt(torch.optim.Optimizer):
                 between batches (:func:`newt.rules.next_batch_verdict`): until a step's loss
                 has fallen by the Armijo share, a step after which the next batch's loss rose
                 by more than ``spike_threshold``, or fell short of the Armijo share by more
-                than that, is undone and the rate shrinks. Batch losses vary too much between
-                batches to judge later steps by them, so after the start it is not read (while
-                the start is on probation, reading it costs one host synchronisation per
-                step). Optional; a loop that calls ``step()`` bare can give it beforehand
-                with :meth:`give_loss`.
+                than that, is undone and the rate shrinks (while the start is on probation,
+                reading the loss costs one host synchronisation per step). Batch losses vary
+                too much between batches to judge later steps by the last one; after the
+                start, a step is undone only when the loss blew up, above the first loss read
+                by ``blow_up_threshold`` (read with the measurements, at no extra cost).
+                Optional; a loop that calls ``step()`` bare can give it beforehand with
+                :meth:`give_loss`.
 
         Returns:
             The loss the first closure call returned (at ``theta_t``); None without a closure.
@@ -569,12 +593,15 @@ class Newt(torch.optim.Optimizer):
         if pending is not None and not (pending.indices == positions and pending.d0.numel() == len(units)):
             pending = None  # other parameters moved: start a new measurement
         loss_value = None
+        watched = None  # the loss to check for a blow-up, read with the measurements
         if loss is not None and self._on_probation():
             loss_value, rejected = self._start_test_free(
                 _loss_tensor(loss, "loss="), _loss_eps(loss), pending, local, unit_groups
             )
             if rejected:
                 return None
+        elif loss is not None and math.isfinite(self.blow_up_threshold):
+            watched = _loss_tensor(loss, "loss=")
         adapted = False
         if pending is not None:
             # d_{t-1} = theta_{t-1} - theta_t, with theta_{t-1} still in the snapshot buffer
@@ -583,11 +610,26 @@ class Newt(torch.optim.Optimizer):
             pending.block_d1 = d1 if pending.block_d1 is None else pending.block_d1 + d1
             pending.count += 1
             if pending.count == self.update_every:
-                values = torch.cat([pending.block_d0.to(d1.device), pending.block_d1])
-                values = reduce_measurements(values, 0, is_sharded=self._sharded, group=self.process_group).tolist()
+                # The loss rides along in the transfer the measurements make anyway: no extra sync.
+                losses = [] if watched is None else [watched.reshape(1).to(d1.device)]
+                values = torch.cat([*losses, pending.block_d0.to(d1.device), pending.block_d1])
+                values = reduce_measurements(
+                    values, len(losses), is_sharded=self._sharded, group=self.process_group
+                ).tolist()
+                f = values.pop(0) if losses else math.nan
                 d0s, d1s = values[: len(units)], values[len(units) :]
-                proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units))
-                self._finish(math.nan, math.nan, d0s, d1s, unit_groups, proposals, rejected=False)
+                if self._loss_reference is not None and blew_up(self._loss_reference, f, self.blow_up_threshold):
+                    if self.reject_spikes:
+                        self._undo_free_step(self._loss_reference, f, d0s, d1s, local, unit_groups)
+                        return None
+                    rates = self._rates.groups
+                    proposals = [shrunk_rate(rates[g].adapted, self.options, Decision.SPIKE) for g in unit_groups]
+                    self._finish(self._loss_reference, f, d0s, d1s, unit_groups, proposals, rejected=False)
+                else:
+                    if self._loss_reference is None and math.isfinite(f):
+                        self._loss_reference = f
+                    proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units))
+                    self._finish(math.nan, math.nan, d0s, d1s, unit_groups, proposals, rejected=False)
                 pending.block_d0 = pending.block_d1 = None
                 pending.count = 0
                 adapted = True
@@ -629,6 +671,8 @@ class Newt(torch.optim.Optimizer):
         parts = [loss.reshape(1).to(device)] + ([] if pending is None else [pending.d0.to(device)])
         values = reduce_measurements(torch.cat(parts), 1, is_sharded=self._sharded, group=self.process_group).tolist()
         f1 = values[0]
+        if self._loss_reference is None and math.isfinite(f1):
+            self._loss_reference = f1
         if pending is None or pending.loss is None:
             return f1, False
         f0, d0s = pending.loss, values[1:]
@@ -637,15 +681,28 @@ class Newt(torch.optim.Optimizer):
         if verdict is not False:
             self._start_proven = verdict is True
             return f1, False
+        spike = spike_guard(1.0, f0, f1, self.spike_threshold, self.options) is not None or not math.isfinite(f1)
+        decision = Decision.SPIKE if spike else Decision.INSUFFICIENT
+        self._undo_free_step(f0, f1, d0s, [math.nan] * len(unit_groups), local, unit_groups, decision)
+        return f1, True
+
+    def _undo_free_step(
+        self,
+        f0: float,
+        f1: float,
+        d0s: list[float],
+        d1s: list[float],
+        local: list[torch.Tensor],
+        unit_groups: list[int],
+        decision: Decision = Decision.SPIKE,
+    ) -> None:
+        """Undo the last closure-free step: ``theta_{t-1}`` back from the snapshot, the rate shrunk,
+        no inner step from the point given up (its gradients were taken there)."""
         _kernels.copy_(local, self._snapshot, foreach=self.foreach)
         self._pending = None
         rates = self._rates.groups
-        spike = spike_guard(1.0, f0, f1, self.spike_threshold, self.options) is not None or not math.isfinite(f1)
-        decision = Decision.SPIKE if spike else Decision.INSUFFICIENT
         proposals = [shrunk_rate(rates[g].adapted, self.options, decision) for g in unit_groups]
-        nans = [math.nan] * len(unit_groups)
-        self._finish(f0, f1, d0s, nans, unit_groups, proposals, rejected=True)
-        return f1, True
+        self._finish(f0, f1, d0s, d1s, unit_groups, proposals, rejected=True)
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -965,6 +1022,7 @@ class Newt(torch.optim.Optimizer):
             "noise": {"averages": self._noise.state_dict(), "probe": self._probe_state()},
             "deferred": None if self._deferred is None else [list(self._deferred[0]), list(self._deferred[1])],
             "given_loss": None if self._given_loss is None else float(self._given_loss),
+            "loss_reference": self._loss_reference,
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -1004,6 +1062,8 @@ class Newt(torch.optim.Optimizer):
         self._deferred = None if deferred is None else ([int(g) for g in deferred[0]], [float(a) for a in deferred[1]])
         given = newt_state.get("given_loss")  # absent from checkpoints made before give_loss()
         self._given_loss = None if given is None else float(given)
+        reference = newt_state.get("loss_reference")
+        self._loss_reference = None if reference is None else float(reference)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -373,6 +373,21 @@ def next_batch_verdict(
     return True if sufficient_decrease(f0, f1, d0, armijo, resolution) else None
 
 
+def blew_up(first: float, f: float, threshold: float) -> bool:
+    """Whether a batch's loss ``f`` rose above the run's first loss ``first`` by more than
+    ``threshold * |first|`` (closure-free mode given the loss, after the start).
+
+    Single batches late in training differ too much to judge a step by the previous one, but a
+    healthy run does not climb back above where it started: a run whose rate grew too large
+    does (around SGD with momentum from a start that passed the start-up test; ``gen``'s slow
+    decrease after an overshoot). An infinite ``f`` blew up; a NaN ``f`` or a non-finite
+    ``first`` says nothing (False). Scale-free; ``threshold`` may be ``math.inf`` (off).
+    """
+    if not math.isfinite(first) or math.isnan(f) or math.isinf(threshold):
+        return False
+    return f > first + threshold * abs(first)
+
+
 def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:
     """The loss-spike policy that ``Newt`` applies before any rule.
 

@@ -257,6 +257,6 @@ def test_the_trainer_benchmark_undoes_the_start_at_1_under_newt_trainer_only(off
 
     plain = trainer_starts.train("Newt(AdamW), Trainer", 1.0, steps=6, seed=0)
     given = trainer_starts.train("Newt(AdamW), NewtTrainer", 1.0, steps=6, seed=0)
-    assert plain[2] == 0 and given[2] == 1  # steps undone
+    assert plain[2] == 0 and given[2] >= 1  # steps undone
     assert given[1] < plain[1]  # held-out loss after 6 steps
     assert given[3] < plain[3]  # the final rate: a tenfold cut when the start was undone

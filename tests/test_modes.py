@@ -310,18 +310,84 @@ def test_closure_free_start_up_test_undoes_a_step_that_fell_far_short_of_its_pre
 def test_closure_free_start_up_test_ends_at_the_first_sufficient_decrease():
     a, b, x = _quadratic(2)
     opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")
-    _step_with_loss(opt, a, b, x)
-    f_start = _step_with_loss(opt, a, b, x, loss=None)  # a small step: the loss fell, start proven
+    _step_with_loss(opt, a, b, x, loss=10.0)
+    _step_with_loss(opt, a, b, x, loss=1.0)  # a fall far beyond the Armijo share: start proven
     assert not opt.step_info.rejected
     rate = opt.param_groups[0]["lr"]
-    _step_with_loss(opt, a, b, x, loss=100 * f_start)  # a rise after the start no longer counts
+    # After the start a batch is no longer judged against the last one: 11.9 is 11.9 times the
+    # last loss, but below where training started (10) plus the spike threshold's fifth.
+    _step_with_loss(opt, a, b, x, loss=11.9)
     assert not opt.step_info.rejected and opt.param_groups[0]["lr"] != pytest.approx(0.1 * rate)
+
+
+def _proven_start(**options):
+    """A quadratic whose closure-free start passed the test, with the losses 10 then 1 given."""
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", **options)
+    _step_with_loss(opt, a, b, x, loss=10.0)
+    _step_with_loss(opt, a, b, x, loss=1.0)
+    return a, b, x, opt
+
+
+def test_closure_free_after_the_start_a_loss_above_the_first_one_undoes_the_step():
+    a, b, x, opt = _proven_start()
+    _step_with_loss(opt, a, b, x, loss=14.9)  # up to 1.5 times the first loss (10): not judged
+    assert not opt.step_info.rejected
+    before_last = opt._snapshot[0].clone()  # theta_t, where the last step started
+    rate = opt.param_groups[0]["lr"]
+    _step_with_loss(opt, a, b, x, loss=15.5)  # above 10 + 0.5 * 10: the run blew up
+    info = opt.step_info
+    assert info.rejected and info.decision == Decision.SPIKE
+    assert (info.f0, info.f1) == (10.0, 15.5)  # the first loss read, and this one
+    assert torch.equal(x.detach(), before_last)  # bit for bit, and no step from it
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * rate, rel=1e-15)
+    _step_with_loss(opt, a, b, x, loss=float("inf"))  # the next call starts a new measurement
+    assert opt.step_info.decision == Decision.PLAIN and not opt.step_info.rejected
+    _step_with_loss(opt, a, b, x, loss=float("inf"))  # an infinite loss blew up too
+    assert opt.step_info.rejected
+
+
+def test_closure_free_blow_up_without_rejection_only_shrinks_and_is_off_at_an_infinite_threshold():
+    a, b, x, opt = _proven_start(reject_spikes=False)
+    rate = opt.param_groups[0]["lr"]
+    before = x.detach().clone()
+    _step_with_loss(opt, a, b, x, loss=15.5)
+    assert opt.step_info.decision == Decision.SPIKE and not opt.step_info.rejected
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * rate, rel=1e-15)
+    assert not torch.equal(x.detach(), before)  # the inner step ran, at the smaller rate
+
+    a, b, x, opt = _proven_start(blow_up_threshold=math.inf)
+    _step_with_loss(opt, a, b, x, loss=1e6)
+    assert opt.step_info.decision != Decision.SPIKE and not opt.step_info.rejected
+
+
+def test_closure_free_blow_up_check_survives_a_checkpoint():
+    a, b, x, opt = _proven_start()
+    resumed = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas")
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state_dict()["newt"]["loss_reference"] == 10.0
+    _step_with_loss(resumed, a, b, x, loss=15.5)
+    assert resumed.step_info.rejected and resumed.step_info.f0 == 10.0
+
+
+def test_closure_free_blow_up_check_without_a_start_test_takes_the_first_loss_it_reads():
+    a, b, x = _quadratic(2)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", start_armijo=0.0)
+    _step_with_loss(opt, a, b, x, loss=10.0)  # the first step only measures: nothing is read
+    _step_with_loss(opt, a, b, x, loss=5.0)  # read with the measurements: the reference
+    _step_with_loss(opt, a, b, x, loss=7.4)
+    assert not opt.step_info.rejected
+    _step_with_loss(opt, a, b, x, loss=7.6)  # above 5 + 0.5 * 5
+    assert opt.step_info.rejected and (opt.step_info.f0, opt.step_info.f1) == (5.0, 7.6)
+    assert opt.state_dict()["newt"]["loss_reference"] == 5.0
 
 
 @pytest.mark.parametrize("start_armijo", [0.1, 0.0])
 def test_closure_free_start_up_test_waits_for_a_decrease_and_is_off_at_start_armijo_zero(start_armijo):
     a, b, x = _quadratic(2)
-    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", start_armijo=start_armijo)
+    # reject_spikes=False: the later blow-up check would undo the rise below too; the start-up
+    # test undoes whatever reject_spikes says.
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", start_armijo=start_armijo, reject_spikes=False)
     f = _step_with_loss(opt, a, b, x)
     before_last = x.detach().clone()
     _step_with_loss(opt, a, b, x, loss=f)  # no decrease (a noisy batch): neither proven nor undone

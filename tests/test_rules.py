@@ -35,6 +35,7 @@ from newt.rules import (
     Decision,
     Proposal,
     RuleOptions,
+    blew_up,
     gen,
     gen_slopes,
     grown_rate,
@@ -954,6 +955,32 @@ def test_next_batch_verdict_hand_examples():
     assert next_batch_verdict(2.0, math.nan, 1.0, 0.1, 0.2) is None
     assert next_batch_verdict(math.nan, 5.0, 1.0, 0.1, 0.2) is None
     assert next_batch_verdict(2.0, 1e300, 1.0, 0.1, math.inf) is None  # the policy turned off
+
+
+@given(first=any_finite, f=any_finite, threshold=st.floats(0.01, 10.0))
+def test_blew_up_exactly_above_the_first_loss_plus_the_threshold_share(first, f, threshold):
+    assert blew_up(first, f, threshold) is (f > first + threshold * abs(first))
+
+
+@given(first=exactly_scalable, f=exactly_scalable, k=st.integers(-60, 60))
+def test_blew_up_is_invariant_to_scaling_the_loss_by_a_power_of_two(first, f, k):
+    c = 2.0**k
+    assert blew_up(c * first, c * f, 1.0) is blew_up(first, f, 1.0)
+
+
+@given(first=any_finite, f=any_finite, rise=st.floats(0.0, 1e6), threshold=st.floats(0.01, 10.0))
+def test_blew_up_stays_blown_up_for_a_higher_loss_and_a_lower_threshold(first, f, rise, threshold):
+    if blew_up(first, f, threshold):
+        assert blew_up(first, f + rise, threshold)
+        assert blew_up(first, f, threshold / 2)
+
+
+def test_blew_up_hand_examples():
+    assert blew_up(2.3, 4.7, 1.0) and not blew_up(2.3, 4.5, 1.0)  # twice the first loss: the bound
+    assert not blew_up(2.3, 4.5, math.inf)  # off
+    assert blew_up(2.3, math.inf, 1.0) and not blew_up(2.3, math.nan, 1.0)
+    assert not blew_up(math.nan, 100.0, 1.0) and not blew_up(math.inf, 100.0, 1.0)
+    assert blew_up(-1.0, -0.5, 0.2) and not blew_up(-1.0, -0.9, 0.2)  # a negative loss: |first|
 
 
 @all_rules

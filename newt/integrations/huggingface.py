@@ -44,7 +44,7 @@ class NewtTrainerMixin:
     accumulation, so the window's sum is the loss whose gradient the optimizer step uses), is
     added up on the device, and on the micro-batch that ends the window (Accelerate's
     ``sync_gradients``) the sum goes to :meth:`newt.Newt.give_loss`. Nothing is read on the
-    host here; ``Newt`` reads the loss only while the initial rate is on probation.
+    host here; ``Newt`` reads the loss for its start-up test and its blow-up check.
 
     The schedule: see :meth:`create_scheduler`.
     """
