@@ -646,6 +646,19 @@ def test_a_warm_up_multiplies_the_adapted_rate_which_still_lands_on_the_line_min
     assert opt.param_groups[0]["lr"] == pytest.approx(0.325 * minimiser, rel=1e-10)  # factor at step 1
 
 
+def _random_regression_closure(opt: Newt, model: nn.Module):
+    """The closure of one fresh random batch of 16 (6 inputs, 1 target) under an MSE loss."""
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 @pytest.mark.parametrize("strategy", ["retsinas", "taylor", "gen"])
 def test_with_a_scheduler_the_rate_used_is_always_the_schedule_factor_times_the_adapted_rate(strategy):
     torch.manual_seed(0)
@@ -662,16 +675,8 @@ def test_with_a_scheduler_the_rate_used_is_always_the_schedule_factor_times_the_
     # LinearLR's factors, then the cosine's from its own step 0 at the milestone
     factors = [0.25 + 0.75 * t / 4 for t in range(4)] + [(1 + math.cos(math.pi * t / 8)) / 2 for t in range(9)]
     for t, factor in enumerate(factors[:12]):
-        x, y = torch.randn(16, 6), torch.randn(16, 1)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
         adapted_before = opt._rates.groups[0].adapted
-        opt.step(closure)
+        opt.step(_random_regression_closure(opt, model))
         rate = opt._rates.groups[0]
         assert rate.multiplier == pytest.approx(factor, rel=1e-9), t
         # the step used the factor times the rate adapted so far, and so will the next one
@@ -730,16 +735,8 @@ def test_factor_lr_multiplies_newts_adapted_rate_where_lambda_lr_overwrites_it(s
     )
     used, expected = [], []
     for t in range(14):
-        x, y = torch.randn(16, 6), torch.randn(16, 1)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-
         adapted_before = opt._rates.groups[0].adapted
-        opt.step(closure)
+        opt.step(_random_regression_closure(opt, model))
         used.append(opt.step_info.alpha)
         expected.append(_warm_up_decay_restart(t) * adapted_before)
         if scheduler_class == "FactorLR":
