@@ -593,7 +593,7 @@ class Newt(torch.optim.Optimizer):
         if pending is not None and not (pending.indices == positions and pending.d0.numel() == len(units)):
             pending = None  # other parameters moved: start a new measurement
         loss_value = None
-        watched = None  # the loss to check for a blow-up, read with the measurements
+        watched = None  # the loss to check for a blow-up, read with the measurements (if any)
         if loss is not None and self._on_probation():
             loss_value, rejected = self._start_test_free(
                 _loss_tensor(loss, "loss="), _loss_eps(loss), pending, local, unit_groups
@@ -601,7 +601,7 @@ class Newt(torch.optim.Optimizer):
             if rejected:
                 return None
         elif loss is not None and math.isfinite(self.blow_up_threshold):
-            watched = _loss_tensor(loss, "loss=")
+            watched = loss
         adapted = False
         if pending is not None:
             # d_{t-1} = theta_{t-1} - theta_t, with theta_{t-1} still in the snapshot buffer
@@ -611,7 +611,7 @@ class Newt(torch.optim.Optimizer):
             pending.count += 1
             if pending.count == self.update_every:
                 # The loss rides along in the transfer the measurements make anyway: no extra sync.
-                losses = [] if watched is None else [watched.reshape(1).to(d1.device)]
+                losses = [] if watched is None else [_loss_tensor(watched, "loss=").reshape(1).to(d1.device)]
                 values = torch.cat([*losses, pending.block_d0.to(d1.device), pending.block_d1])
                 values = reduce_measurements(
                     values, len(losses), is_sharded=self._sharded, group=self.process_group
@@ -622,8 +622,7 @@ class Newt(torch.optim.Optimizer):
                     if self.reject_spikes:
                         self._undo_free_step(self._loss_reference, f, d0s, d1s, local, unit_groups)
                         return None
-                    rates = self._rates.groups
-                    proposals = [shrunk_rate(rates[g].adapted, self.options, Decision.SPIKE) for g in unit_groups]
+                    proposals = self._shrunk_proposals(unit_groups, Decision.SPIKE)
                     self._finish(self._loss_reference, f, d0s, d1s, unit_groups, proposals, rejected=False)
                 else:
                     if self._loss_reference is None and math.isfinite(f):
@@ -700,9 +699,13 @@ class Newt(torch.optim.Optimizer):
         no inner step from the point given up (its gradients were taken there)."""
         _kernels.copy_(local, self._snapshot, foreach=self.foreach)
         self._pending = None
+        self._finish(f0, f1, d0s, d1s, unit_groups, self._shrunk_proposals(unit_groups, decision), rejected=True)
+
+    def _shrunk_proposals(self, unit_groups: list[int], decision: Decision) -> list[Proposal]:
+        """Every unit's adapted rate cut by ``shrink``, with ``decision`` as the reason (a fault,
+        a spike, an insufficient or blown-up step)."""
         rates = self._rates.groups
-        proposals = [shrunk_rate(rates[g].adapted, self.options, decision) for g in unit_groups]
-        self._finish(f0, f1, d0s, d1s, unit_groups, proposals, rejected=True)
+        return [shrunk_rate(rates[g].adapted, self.options, decision) for g in unit_groups]
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -850,16 +853,16 @@ class Newt(torch.optim.Optimizer):
                 # Only the lookahead's scaled gradients overflowed: the step itself is sound (its
                 # loss is finite), the measurement is lost. Keep the step and the rate.
                 return [Proposal(rate.adapted, Decision.NONFINITE) for rate in rates], False
-            return [shrunk_rate(rate.adapted, options) for rate in rates], self.reject_nonfinite
+            return self._shrunk_proposals(unit_groups, Decision.NONFINITE), self.reject_nonfinite
         if f0 is not None and spike_guard(1.0, f0, f1, self.spike_threshold, options) is not None:
-            return [shrunk_rate(rate.adapted, options, Decision.SPIKE) for rate in rates], self.reject_spikes
+            return self._shrunk_proposals(unit_groups, Decision.SPIKE), self.reject_spikes
         # the rounding error of the loss values: a change below it is not measured
         resolution = 0.0 if f0 is None else LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
         if f0 is not None and self._on_probation():
             # the raw d0, not the noise-corrected one: the test asks what this batch's line did
             verdict = sufficient_decrease(f0, f1, math.fsum(d0s), self.start_armijo, resolution)
             if verdict is False:
-                return [shrunk_rate(rate.adapted, options, Decision.INSUFFICIENT) for rate in rates], True
+                return self._shrunk_proposals(unit_groups, Decision.INSUFFICIENT), True
             self._start_proven = verdict is True
         loss_free = f0 is None or self.per_group
         rule = self._loss_free_rule if loss_free else self._rule
@@ -969,7 +972,7 @@ class Newt(torch.optim.Optimizer):
     def _reject_before_step(self, f0: torch.Tensor | None, unit_groups: list[int]) -> None:
         """A non-finite loss or gradient at ``theta_t``: skip the inner step, shrink the rate."""
         # Nothing has moved yet: skipping the inner step keeps its state clean too.
-        proposals = [shrunk_rate(self._rates.groups[g].adapted, self.options) for g in unit_groups]
+        proposals = self._shrunk_proposals(unit_groups, Decision.NONFINITE)
         nans = [math.nan] * len(unit_groups)
         f0_value = math.nan if f0 is None else float(f0)
         self._finish(f0_value, math.nan, nans, nans, unit_groups, proposals, rejected=True)
