@@ -44,11 +44,13 @@ __all__ = ["GroupStepInfo", "Newt", "StepInfo"]
 BUILTIN_RULES = (*STRATEGIES.values(), gen_slopes)
 
 AUTO = "auto"
-"""The default strategy: ``gen`` where the loss values are measured (a closure: lookahead and
-lazy modes), ``retsinas`` where they are not (closure-free mode, ``per_group=True``). Around
-Adam, ``gen`` had the best worst start of the three rules on every benchmark task; without the
-losses, ``gen``'s smoothing lets the rate fall by at most a tenth per step, with nothing to undo
-an overshoot, and it was the least robust row (docs/benchmarks.md)."""
+"""The default strategy: ``gen`` with a closure (lookahead and lazy modes), and closure-free
+given the loss (``step(loss=...)`` or :meth:`Newt.give_loss`) with the blow-up check on (there
+``gen``'s slope form, :func:`newt.rules.gen_slopes`); ``retsinas`` closure-free without the
+loss, and with ``per_group=True`` and a closure (no per-group loss values). Around Adam, ``gen``
+had the best worst start of the three rules on every benchmark task, with a closure and given
+the loss; with no loss to check, ``gen``'s smoothing lets the rate fall by at most a tenth per
+step, with nothing to undo an overshoot, and it was the least robust row (docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,9 @@ class Newt(torch.optim.Optimizer):
     Args:
         inner: The optimizer whose steps are taken, e.g. ``torch.optim.Adam(model.parameters(),
             lr=1e-3)``. Its learning rates are the initial rates.
-        strategy: ``"auto"`` (the default: ``"gen"`` with a closure, ``"retsinas"`` without one
-            or with ``per_group=True``; see :data:`newt.optimizer.AUTO`), ``"gen"``,
+        strategy: ``"auto"`` (the default: ``"gen"`` with a closure or, closure-free, given the
+            loss; ``"retsinas"`` closure-free without the loss, or with ``per_group=True`` and a
+            closure; see :data:`newt.optimizer.AUTO`), ``"gen"``,
             ``"taylor"``, ``"retsinas"`` (see :mod:`newt.rules`), or a callable with the same
             signature as those rules.
         gamma: Newton damping of ``retsinas`` and ``taylor``, in (0, 1].
@@ -295,6 +298,8 @@ class Newt(torch.optim.Optimizer):
         self._loss_free_rule = None  # closure-free mode and per-group rates need one
         if isinstance(strategy, str):
             self._loss_free_rule = LOSS_FREE_STRATEGIES.get("retsinas" if strategy == AUTO else strategy)
+        # closure-free steps whose given loss is checked for a blow-up (see AUTO)
+        self._checked_free_rule = gen_slopes if strategy == AUTO else self._loss_free_rule
         self.spike_threshold = check_real(
             "spike_threshold",
             spike_threshold,
@@ -627,7 +632,8 @@ class Newt(torch.optim.Optimizer):
                 else:
                     if self._loss_reference is None and math.isfinite(f):
                         self._loss_reference = f
-                    proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units))
+                    checked = loss is not None and math.isfinite(self.blow_up_threshold)
+                    proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units), checked=checked)
                     self._finish(math.nan, math.nan, d0s, d1s, unit_groups, proposals, rejected=False)
                 pending.block_d0 = pending.block_d1 = None
                 pending.count = 0
@@ -838,13 +844,15 @@ class Newt(torch.optim.Optimizer):
         grads_per_unit: list[list[torch.Tensor | None]],
         noise: list[float] | None = None,
         loss_eps: float = 0.0,
+        checked: bool = False,
     ) -> tuple[list[Proposal], bool]:
         """The next adapted rate of each unit, and whether to undo the step.
 
         Faults first (non-finite numbers, a loss spike: they concern the whole step), then each
         unit's rule, fed the measurements without their estimated noise share ``noise`` (one per
         unit). ``f0``/``f1`` are None in closure-free mode, where they are not measured.
-        ``loss_eps`` is the relative rounding unit of the closure's loss values.
+        ``loss_eps`` is the relative rounding unit of the closure's loss values. ``checked``:
+        a closure-free step given its loss, with the blow-up check on (``auto`` uses ``gen`` there).
         """
         options = self.options
         rates = [self._rates.groups[g] for g in unit_groups]
@@ -866,6 +874,8 @@ class Newt(torch.optim.Optimizer):
             self._start_proven = verdict is True
         loss_free = f0 is None or self.per_group
         rule = self._loss_free_rule if loss_free else self._rule
+        if f0 is None and checked:
+            rule = self._checked_free_rule
         f0_, f1_ = (0.0, 0.0) if f0 is None else (f0, f1)  # loss-free rules never read them
         # Keeping the rate on an uphill step is safe only where every step is measured and a
         # spike undoes it: in lazy mode the plain steps in between ran at the kept rate unguarded

@@ -367,12 +367,18 @@ def test_newt_trainer_undoes_a_far_too_large_start_that_the_plain_trainer_keeps(
 def test_newt_trainer_gives_each_accumulated_steps_loss_and_changes_nothing_else_from_a_small_start(tmp_path):
     steps = 8
     runs = {}
-    for name, trainer_class in [("plain", transformers.Trainer), ("newt", NewtTrainer)]:
+    for trainer_class, strategy in [
+        (transformers.Trainer, "retsinas"),
+        (NewtTrainer, "retsinas"),
+        (NewtTrainer, "auto"),
+        (NewtTrainer, "gen"),
+    ]:
         model = _model()
-        opt = _newt(model, "auto")
+        opt = _newt(model, strategy)
         given = _spy_on_given_losses(opt)
+        name = (trainer_class.__name__, strategy)
         trainer, rec = _train(
-            tmp_path / name,
+            tmp_path / "-".join(name),
             opt,
             model,
             _noop_scheduler(opt),
@@ -382,15 +388,19 @@ def test_newt_trainer_gives_each_accumulated_steps_loss_and_changes_nothing_else
         )
         runs[name] = (trainer, rec, given)
 
-    trainer, rec, given = runs["newt"]
+    trainer, rec, given = runs["NewtTrainer", "retsinas"]
     # One loss per optimizer step: the sum over its two micro-batches of the loss each scaled for
     # its backward(), which is what the Trainer logs for the step (accumulated on its own).
     assert len(given) == steps
     assert given == pytest.approx(_logged(trainer, "loss"), rel=1e-6)
     # From 1e-5 every step passes the start-up test: the run is the plain Trainer's, bit for bit.
-    plain_trainer, plain_rec, _ = runs["plain"]
+    plain_trainer, plain_rec, plain_given = runs["Trainer", "retsinas"]
+    assert plain_given == []
     assert rec.inner_rates == plain_rec.inner_rates and rec.decisions == plain_rec.decisions
     assert _logged(trainer, "loss") == _logged(plain_trainer, "loss")
+    # Given the loss, the default strategy takes gen's rule (the plain Trainer's run takes retsinas).
+    auto_rec, gen_rec = runs["NewtTrainer", "auto"][1], runs["NewtTrainer", "gen"][1]
+    assert auto_rec.inner_rates == gen_rec.inner_rates and auto_rec.inner_rates != rec.inner_rates
 
 
 @pytest.mark.parametrize("lr_scheduler_type", ["linear", "cosine", "constant_with_warmup"])

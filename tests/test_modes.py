@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from newt import Decision, Newt
+from newt import Decision, Newt, rules
 from newt.schedulers import FactorLR
 from tests.models import train_regression
 from tests.reference import random_quadratic
@@ -116,15 +116,17 @@ def test_lazy_updates_hold_an_increase_back_until_the_next_lookahead_step(start)
 # ---------------------------------------------------------------- the default strategy
 
 
-def _rates_of(strategy: str, closure_free: bool, per_group: bool = False, steps: int = 12) -> list[float]:
+def _rates_of(
+    strategy: str, closure_free: bool, per_group: bool = False, steps: int = 12, given_loss: bool = False, **options
+) -> list[float]:
     a, b, x = _quadratic(4)
     inner = torch.optim.SGD([{"params": [x], "lr": 1e-3}])
-    opt = Newt(inner, strategy=strategy, per_group=per_group)
+    opt = Newt(inner, strategy=strategy, per_group=per_group, **options)
     rates = []
     for _ in range(steps):
         if closure_free:
-            _backward(opt, a, b, x)
-            opt.step()
+            loss = _backward(opt, a, b, x)
+            opt.step(loss=loss) if given_loss else opt.step()
         else:
             opt.step(lambda: _backward(opt, a, b, x))
         rates.append(opt.param_groups[0]["lr"])
@@ -133,15 +135,50 @@ def _rates_of(strategy: str, closure_free: bool, per_group: bool = False, steps:
 
 
 @pytest.mark.parametrize(
-    ("closure_free", "per_group", "same_as"),
-    [(False, False, "gen"), (True, False, "retsinas"), (False, True, "retsinas"), (True, True, "retsinas")],
+    ("closure_free", "per_group", "given_loss", "options", "same_as"),
+    [
+        (False, False, False, {}, "gen"),
+        (True, False, False, {}, "retsinas"),
+        (True, False, True, {}, "gen"),  # the loss given and checked for a blow-up
+        (True, True, True, {}, "gen"),
+        (True, False, True, {"blow_up_threshold": math.inf}, "retsinas"),  # given, but nothing checks it
+        (False, True, False, {}, "retsinas"),
+        (True, True, False, {}, "retsinas"),
+    ],
 )
-def test_the_default_strategy_is_gen_with_the_losses_and_retsinas_without(closure_free, per_group, same_as):
-    auto = _rates_of("auto", closure_free, per_group)
-    assert auto == _rates_of(same_as, closure_free, per_group)  # the same rates, bit for bit
+def test_the_default_strategy_is_gen_where_the_losses_guard_the_step_and_retsinas_elsewhere(
+    closure_free, per_group, given_loss, options, same_as
+):
+    def rates(strategy: str) -> list[float]:
+        return _rates_of(strategy, closure_free, per_group, given_loss=given_loss, **options)
+
+    auto = rates("auto")
+    assert auto == rates(same_as)  # the same rates, bit for bit
     other = {"gen": "retsinas", "retsinas": "gen"}[same_as]
-    assert auto != _rates_of(other, closure_free, per_group)  # and the two rules differ here
+    assert auto != rates(other)  # and the two rules differ here
     assert Newt(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)).strategy == "auto"
+
+
+def test_the_default_strategy_picks_the_closure_free_rule_step_by_step_from_whether_the_loss_is_given():
+    # A loop that gives the loss on some steps only (say, a GradScaler skipped a step): each
+    # measured step's new rate is the pure rule's answer to that step's own measurements,
+    # gen's slope form where the loss came with the step, retsinas where it did not.
+    a, b, x = _quadratic(4)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), start_armijo=0.0)
+    given = [True, True, False, True, False, False, True, True, False, True]
+    seen = []
+    for give in given:
+        loss = _backward(opt, a, b, x)
+        opt.step(loss=loss) if give else opt.step()
+        seen.append((give, opt.step_info))
+    told_apart = set()  # the kinds of step on which the other rule would have answered otherwise
+    for give, info in seen[1:]:  # the first step only measures
+        rule, other = (rules.gen_slopes, rules.retsinas) if give else (rules.retsinas, rules.gen_slopes)
+        expected = rule(info.alpha, 0.0, 0.0, info.d0, info.d1, opt.options)
+        assert info.alpha_next == expected.alpha and info.decision == expected.decision
+        if other(info.alpha, 0.0, 0.0, info.d0, info.d1, opt.options).alpha != info.alpha_next:
+            told_apart.add(give)
+    assert told_apart == {True, False}
 
 
 def test_an_unknown_strategy_lists_the_names_auto_included():
