@@ -13,10 +13,15 @@ reports the time spent in ``Newt.step`` outside the closure and the inner step (
 bookkeeping: snapshot copy, dot products, synchronisation), as a share of the bare step, and the
 number of parameter-sized buffers Newt keeps (its snapshot), counted from the tensors it holds.
 
+Peak memory, against the bare optimizer's, is measured one method at a time on a fresh copy of
+the model (model, gradients, optimizer state, Newt's snapshot and a step's activations). On the
+CPU it is the peak of the bytes the C heap holds (glibc's ``mallinfo2``, where PyTorch's CPU
+tensors live), read after every tensor operation through a ``TorchDispatchMode``, minus what it
+held before the model was built; elsewhere than glibc the column is left out.
+
 ``--tasks transformer-large`` adds a 19M-parameter transformer, meant for a GPU.
-``--device cuda`` runs the same on a GPU (synchronising before and after each repetition) and
-adds each method's peak GPU memory against the bare optimizer's, measured one method at a time
-on a fresh copy of the model. There the "own work" column is left out: kernels run
+``--device cuda`` runs the same on a GPU (synchronising before and after each repetition), with
+peak GPU memory from PyTorch's allocator. There the "own work" column is left out: kernels run
 asynchronously, so the time a host-side timer puts outside the closure includes waiting, at
 ``Newt``'s one synchronisation, for the closure's and the inner step's kernels.
 """
@@ -24,12 +29,16 @@ asynchronously, so the time a host-side timer puts outside the closure includes 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.tasks import digits, digits_mlp
 from newt import Newt
@@ -157,32 +166,89 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
     }, (lookahead, lazy, closure_free)
 
 
-def peak_memory(task: str, method: str, steps: int = 2 * STEPS_PER_REPETITION) -> int:
-    """Peak GPU bytes allocated while ``method`` trains a fresh copy of ``task``'s model, above
-    what was allocated before the model existed (so: model, gradients, optimizer state, Newt's
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
+            *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
+        )
+    ]
+
+
+def _heap_reader() -> Callable[[], int] | None:
+    """Bytes the C heap holds now (glibc's ``mallinfo2``: in-use chunks plus mmapped ones), or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def held() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return held
+
+
+HEAP_BYTES = _heap_reader()
+
+
+class _HeapPeak(TorchDispatchMode):
+    """The largest heap size seen right after any tensor operation (where allocations peak)."""
+
+    def __init__(self, held: Callable[[], int]) -> None:
+        super().__init__()
+        self.held = held
+        self.peak = held()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.held())
+        return out
+
+
+@contextlib.contextmanager
+def _peak_bytes(device: str) -> Iterator[Callable[[], int]]:
+    """Measure the peak memory of the body above what was held at its start; yields a reader."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield lambda: torch.cuda.max_memory_allocated() - before
+        return
+    assert HEAP_BYTES is not None
+    before = HEAP_BYTES()
+    with _HeapPeak(HEAP_BYTES) as mode:
+        yield lambda: mode.peak - before
+
+
+def peak_memory(task: str, method: str, device: str = "cuda", steps: int = 2 * STEPS_PER_REPETITION) -> int:
+    """Peak bytes allocated while ``method`` trains a fresh copy of ``task``'s model, above what
+    was allocated before the model existed (so: model, gradients, optimizer state, Newt's
     snapshot and the activations of a step)."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    model, loss_fn = TASKS[task]("cuda")
-    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt = inner if method == "bare Adam" else _newts(inner)[method]
+    with _peak_bytes(device) as peak:
+        model, loss_fn = TASKS[task](device)
+        inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = inner if method == "bare Adam" else _newts(inner)[method]
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
 
-    for _ in range(steps):
-        if method in ("bare Adam", "Newt closure-free"):
-            closure()
-            opt.step()
-        else:
-            opt.step(closure)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+        for _ in range(steps):
+            if method in ("bare Adam", "Newt closure-free"):
+                closure()
+                opt.step()
+            else:
+                opt.step(closure)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return peak()
 
 
 def measure(task: str, repeats: int, device: str = "cpu") -> None:
@@ -199,19 +265,25 @@ def measure(task: str, repeats: int, device: str = "cpu") -> None:
     parameters = sum(p.numel() for p in model.parameters())
     bare = statistics.median(times["bare Adam"])
     print(f"\n{task} on {device}: {parameters:,} parameters, {repeats} interleaved repetitions of 4 steps, medians")
-    if device == "cuda":
-        peaks = {name: peak_memory(task, name) for name in runners}
-        print("| method | seconds per step | ratio to bare | peak GPU memory | ratio to bare |")
-    else:
-        print("| method | seconds per step | ratio to bare | Newt's own work (share of bare step) |")
-    print("|---|---:|---:|---:|" + ("---:|" if device == "cuda" else ""))
+    peaks = None
+    if device == "cuda" or HEAP_BYTES is not None:
+        peak_memory(task, "bare Adam", device)  # once unmeasured: first-use caches must not count as the bare peak
+        peaks = {name: peak_memory(task, name, device) for name in runners}
+    header = "| method | seconds per step | ratio to bare |"
+    if device != "cuda":
+        header += " Newt's own work (share of bare step) |"
+    if peaks is not None:
+        header += f" peak {'GPU' if device == 'cuda' else 'heap'} memory | ratio to bare |"
+    print(header)
+    print("|---|" + "---:|" * (header.count("|") - 2))
     for name in runners:
         median = statistics.median(times[name])
-        if device == "cuda":
-            last = f"{peaks[name] / 2**20:.1f} MiB | {peaks[name] / peaks['bare Adam']:.3f}"
-        else:
-            last = "" if name == "bare Adam" else f"{statistics.median(own[name]) / bare:.3f}"
-        print(f"| {name} | {median * 1e3:.2f} ms | {median / bare:.3f} | {last} |")
+        cells = [f"{median * 1e3:.2f} ms", f"{median / bare:.3f}"]
+        if device != "cuda":
+            cells.append("" if name == "bare Adam" else f"{statistics.median(own[name]) / bare:.3f}")
+        if peaks is not None:
+            cells += [f"{peaks[name] / 2**20:.2f} MiB", f"{peaks[name] / peaks['bare Adam']:.3f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     for newt in newts:
         held = sum(t.numel() for t in (newt._snapshot or []))
         print(f"parameter-sized buffers held by {newt!r:.60}: {held / parameters:.2f}")

@@ -244,6 +244,21 @@ def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(ca
     assert len(buffers) == 3 and all(line.endswith(": 1.00") for line in buffers)
 
 
+@pytest.mark.skipif(overhead.HEAP_BYTES is None, reason="the CPU peak memory reads glibc's mallinfo2")
+def test_the_overhead_benchmarks_cpu_peak_memory_sees_the_snapshot_and_nothing_much_else():
+    # The MLP's float32 weights: Newt's one extra buffer, its snapshot, is this size. Its
+    # peak must be above the bare run's by at least that (a reader that missed allocations
+    # would not see it), and by less than four such buffers (a second buffer, or parameter-sized
+    # temporaries kept alive, would show).
+    weights = 19_210 * 4
+    overhead.peak_memory("mlp", "bare Adam", "cpu")  # first-use caches
+    bare = overhead.peak_memory("mlp", "bare Adam", "cpu")
+    assert bare > 10 * weights  # model, gradients, Adam's two moments and a batch's activations
+    for method in ("Newt lookahead", "Newt lazy K=4", "Newt closure-free"):
+        extra = overhead.peak_memory("mlp", method, "cpu") - bare
+        assert 0.9 * weights <= extra < 4 * weights, (method, extra / weights)
+
+
 @pytest.mark.parametrize(("task", "parameters"), [("transformer", 478_720), ("transformer-large", 19_307_776)])
 def test_the_overhead_models_have_the_sizes_the_docs_give(task, parameters):
     model, _ = overhead.TASKS[task]("cpu")
