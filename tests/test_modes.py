@@ -146,9 +146,7 @@ def _rates_of(
         (True, True, False, {}, "retsinas"),
     ],
 )
-def test_the_default_strategy_is_gen_where_the_losses_guard_the_step_and_retsinas_elsewhere(
-    closure_free, per_group, given_loss, options, same_as
-):
+def test_which_rule_the_default_strategy_takes_in_each_mode(closure_free, per_group, given_loss, options, same_as):
     def rates(strategy: str) -> list[float]:
         return _rates_of(strategy, closure_free, per_group, given_loss=given_loss, **options)
 
@@ -164,7 +162,7 @@ def test_the_default_strategy_picks_the_closure_free_rule_step_by_step_from_whet
     # measured step's new rate is the pure rule's answer to that step's own measurements,
     # gen's slope form where the loss came with the step, retsinas where it did not.
     a, b, x = _quadratic(4)
-    opt = Newt(torch.optim.SGD([x], lr=1e-3), start_armijo=0.0)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), start_armijo=0.0)  # no start-up test: nothing undone
     given = [True, True, False, True, False, False, True, True, False, True]
     seen = []
     for give in given:
