@@ -598,6 +598,7 @@ class Newt(torch.optim.Optimizer):
         if pending is not None and not (pending.indices == positions and pending.d0.numel() == len(units)):
             pending = None  # other parameters moved: start a new measurement
         loss_value = None
+        checked = loss is not None and math.isfinite(self.blow_up_threshold)  # given the loss, check on: see AUTO
         watched = None  # the loss to check for a blow-up, read with the measurements (if any)
         if loss is not None and self._on_probation():
             loss_value, rejected = self._start_test_free(
@@ -605,7 +606,7 @@ class Newt(torch.optim.Optimizer):
             )
             if rejected:
                 return None
-        elif loss is not None and math.isfinite(self.blow_up_threshold):
+        elif checked:
             watched = loss
         adapted = False
         if pending is not None:
@@ -632,7 +633,6 @@ class Newt(torch.optim.Optimizer):
                 else:
                     if self._loss_reference is None and math.isfinite(f):
                         self._loss_reference = f
-                    checked = loss is not None and math.isfinite(self.blow_up_threshold)
                     proposals, _ = self._adapt(None, None, d0s, d1s, unit_groups, _split(grads, units), checked=checked)
                     self._finish(math.nan, math.nan, d0s, d1s, unit_groups, proposals, rejected=False)
                 pending.block_d0 = pending.block_d1 = None
