@@ -167,13 +167,9 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
-            *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
-        )
-    ]
+    # glibc's struct mallinfo2, in order: ten size_t counters
+    _names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in _names.split()]
 
 
 def _heap_reader() -> Callable[[], int] | None:
