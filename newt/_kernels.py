@@ -23,9 +23,9 @@ import torch
 Tensors = Sequence[torch.Tensor]
 
 _BUCKET_NUMEL = 1 << 22
-# Dot products are accumulated in at least float32; low-precision tensors are upcast per bucket.
+# Products are formed in at least float32 (low-precision tensors are upcast per bucket) and, on the
+# multi-tensor path, summed in float64.
 _ACCUMULATE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-_HAS_FOREACH_MM = hasattr(torch, "_foreach_mm")
 
 
 def new_snapshot(params: Tensors) -> list[torch.Tensor]:
@@ -145,7 +145,10 @@ def _bucket_dot(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
         s, p, g = [x.to(wide) for x in s], [x.to(wide) for x in p], [x.to(wide) for x in g]
     deltas = torch._foreach_sub(s, p)
     g = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(g, deltas)]
-    return _foreach_dot(g, deltas)
+    torch._foreach_mul_(deltas, g)
+    # One reduction over all the products: a fixed number of kernels per bucket, however many
+    # tensors it holds (a dot per tensor costs a launch each), summed in float64.
+    return torch.cat([d.reshape(-1) for d in deltas]).sum(dtype=torch.float64)
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
@@ -159,13 +162,3 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if wide is not None:
         a, b = a.to(wide), b.to(wide)
     return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
-
-
-def _foreach_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the inner products of two same-dtype lists, as a float64 scalar."""
-    if _HAS_FOREACH_MM:
-        rows = [x.reshape(1, -1) for x in a]
-        cols = [y.reshape(-1, 1) for y in b]
-        products = torch._foreach_mm(rows, cols)  # each 1 x 1
-        return torch.cat(products).to(torch.float64).sum()
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).to(torch.float64).sum()
