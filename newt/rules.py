@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from newt._numerics import (
@@ -386,6 +386,23 @@ def blew_up(first: float, f: float, threshold: float) -> bool:
     if not math.isfinite(first) or math.isnan(f) or math.isinf(threshold):
         return False
     return f > first + threshold * abs(first)
+
+
+def rose_sharply(recent: Sequence[float], f: float, threshold: float) -> bool:
+    """Whether a batch's loss ``f`` rose above the largest of the recent batch losses ``recent``
+    by more than ``threshold`` times its size (lazy mode, on a plain step).
+
+    Lazy mode's plain steps run unmeasured at the rate the last lookahead step tested; an
+    instability that builds up over a few of them (Adam late in training at a rate that has
+    grown, momentum SGD overshooting) shows as a batch loss well above every recent one, and
+    the optimizer then measures that step as a lookahead step, which can undo it. Batch losses
+    scatter, so the comparison is with the largest recent loss and the threshold is wide.
+    Non-finite entries of ``recent`` are skipped; without a finite one, or for a NaN ``f``,
+    nothing is judged (False); an infinite ``f`` rose. Scale-free; ``threshold`` may be
+    ``math.inf`` (off).
+    """
+    finite = [x for x in recent if math.isfinite(x)]
+    return bool(finite) and blew_up(max(finite), f, threshold)
 
 
 def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:

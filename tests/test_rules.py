@@ -43,6 +43,7 @@ from newt.rules import (
     held_on_ascent,
     next_batch_verdict,
     retsinas,
+    rose_sharply,
     scheduled_proposal,
     shrunk_rate,
     spike_guard,
@@ -981,6 +982,39 @@ def test_blew_up_hand_examples():
     assert blew_up(2.3, math.inf, 1.0) and not blew_up(2.3, math.nan, 1.0)
     assert not blew_up(math.nan, 100.0, 1.0) and not blew_up(math.inf, 100.0, 1.0)
     assert blew_up(-1.0, -0.5, 0.2) and not blew_up(-1.0, -0.9, 0.2)  # a negative loss: |first|
+
+
+@given(recent=st.lists(any_finite, min_size=1, max_size=8), f=any_finite, threshold=st.floats(0.01, 10.0))
+def test_rose_sharply_exactly_above_the_largest_recent_loss_plus_the_threshold_share(recent, f, threshold):
+    top = max(recent)
+    assert rose_sharply(recent, f, threshold) is (f > top + threshold * abs(top))
+
+
+@given(recent=st.lists(exactly_scalable, min_size=1, max_size=8), f=exactly_scalable, k=st.integers(-60, 60))
+def test_rose_sharply_is_invariant_to_scaling_the_losses_by_a_power_of_two(recent, f, k):
+    c = 2.0**k
+    assert rose_sharply([c * x for x in recent], c * f, 3.0) is rose_sharply(recent, f, 3.0)
+
+
+@given(
+    recent=st.lists(any_finite, min_size=1, max_size=8),
+    lower=st.floats(0.0, 1e6),
+    f=any_finite,
+    threshold=st.floats(0.01, 10.0),
+)
+def test_rose_sharply_only_counts_the_largest_recent_loss(recent, lower, f, threshold):
+    # a lower loss joining the window changes nothing: batch losses below the top are noise
+    assert rose_sharply([*recent, min(recent) - lower], f, threshold) is rose_sharply(recent, f, threshold)
+
+
+def test_rose_sharply_hand_examples():
+    assert rose_sharply([0.001, 0.004, 0.002], 0.0161, 3.0)  # above four times the largest
+    assert not rose_sharply([0.001, 0.004, 0.002], 0.0159, 3.0)
+    assert not rose_sharply([], 1e300, 3.0)  # nothing to compare with yet
+    assert not rose_sharply([0.001], 1e300, math.inf)  # off
+    assert rose_sharply([0.001], math.inf, 3.0) and not rose_sharply([0.001], math.nan, 3.0)
+    assert rose_sharply([math.nan, 0.001], 1.0, 3.0) and rose_sharply([0.001, math.nan], 1.0, 3.0)  # skipped
+    assert rose_sharply([-2.0, -1.0], 2.0, 2.0) and not rose_sharply([-2.0, -1.0], 0.9, 2.0)  # |largest|
 
 
 @all_rules
