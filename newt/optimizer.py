@@ -31,6 +31,7 @@ from newt.rules import (
     guard_custom_rule,
     held_on_ascent,
     next_batch_verdict,
+    rose_sharply,
     scheduled_proposal,
     shrunk_rate,
     spike_guard,
@@ -51,6 +52,9 @@ loss, and with ``per_group=True`` and a closure (no per-group loss values). Arou
 had the best worst start of the three rules on every benchmark task, with a closure and given
 the loss; with no loss to check, ``gen``'s smoothing lets the rate fall by at most a tenth per
 step, with nothing to undo an overshoot, and it was the least robust row (docs/benchmarks.md)."""
+
+RISE_WINDOW = 8
+"""How many recent batch losses (one per closure step) a plain step's loss is compared with."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,17 @@ class Newt(torch.optim.Optimizer):
             much for the spike threshold, but a healthy run does not climb back above where
             it started (see :func:`newt.rules.blew_up`). In (0, inf]; ``math.inf`` turns it
             off.
+        rise_threshold: Lazy mode (a closure, ``update_every > 1``): a plain step whose loss
+            at ``theta_t`` exceeds the largest of the last 8 closure steps' losses by more
+            than ``rise_threshold`` times its size (default 3: more than four times it) is
+            taken as a lookahead step instead, one more closure call that measures the step,
+            adapts the rate and can undo the step as a spike. The plain steps run at the rate
+            the last lookahead step tested, unmeasured; an instability that builds up over a
+            few of them (Adam late in training, at a rate that has grown) shows as such a rise
+            before the next scheduled lookahead step would see it (see
+            :func:`newt.rules.rose_sharply`). Reading the loss before the inner step costs
+            nothing extra on the CPU; under ``torch.distributed`` the ranks average it (one
+            small ``all_reduce`` per plain step). In (0, inf]; ``math.inf`` turns it off.
         start_armijo: The initial rate is the caller's guess, so it is on probation: until one
             step's loss falls by at least ``start_armijo`` times the decrease its slope
             predicts (``f0 - f1 >= start_armijo * D0`` on the same batch, Armijo's
@@ -217,7 +232,8 @@ class Newt(torch.optim.Optimizer):
             ``1 + 1/update_every`` passes per step); a rate increase is first used by the next
             lookahead step, which can undo it, and the plain steps before it keep the rate
             just tested. Until the initial rate has passed the start-up test (``start_armijo``)
-            every step is a lookahead step. Without a closure, the rate is adapted from
+            every step is a lookahead step, and so is a plain step whose loss rose sharply
+            (``rise_threshold``). Without a closure, the rate is adapted from
             the sums of the measurements over each block of ``update_every`` steps, which
             averages out mini-batch noise (Retsinas et al.).
         per_group: Adapt each param group's rate from its own ``d0``/``d1`` sums, instead of one
@@ -273,6 +289,7 @@ class Newt(torch.optim.Optimizer):
         spike_threshold: float = 0.2,
         reject_spikes: bool = True,
         blow_up_threshold: float = 0.5,
+        rise_threshold: float = 3.0,
         start_armijo: float = 0.1,
         hold_on_ascent: bool = True,
         reject_nonfinite: bool = False,
@@ -319,6 +336,17 @@ class Newt(torch.optim.Optimizer):
             high_open=False,
             hint="blow_up_threshold is the rise above the first loss counted as a blow-up, e.g. 0.5 (math.inf: off).",
         )
+        self.rise_threshold = check_real(
+            "rise_threshold",
+            rise_threshold,
+            low=0,
+            high=math.inf,
+            low_open=True,
+            high_open=False,
+            hint="rise_threshold is the rise above the largest recent loss that makes a plain step a lookahead "
+            "step, e.g. 3 (math.inf: off).",
+        )
+        self._recent_losses: list[float] = []  # the last RISE_WINDOW closure steps' losses at theta_t
         self.start_armijo = check_real(
             "start_armijo",
             start_armijo,
@@ -403,7 +431,8 @@ class Newt(torch.optim.Optimizer):
                 ``backward()`` and returns the loss. It is called twice per step: at
                 ``theta_t`` and at the lookahead point, with the same random state, and with
                 module buffers (BatchNorm statistics) restored after the second call (once on
-                the steps that ``update_every`` leaves plain). Without a closure (after your own
+                the steps that ``update_every`` leaves plain, unless the loss rose sharply:
+                see ``rise_threshold``). Without a closure (after your own
                 ``backward()``), the step is closure-free: see the class docstring.
             loss: Closure-free mode only: the loss whose ``backward()`` filled the gradients
                 (this batch's, at ``theta_t``). It gives the closure-free step the start-up
@@ -492,6 +521,24 @@ class Newt(torch.optim.Optimizer):
         units, unit_groups = self._units(active)
         if self._stopped_before_step(f0, active, unit_groups):
             return loss
+        return self._lookahead_rest(closure, rng_at_start, loss, f0, active, units, unit_groups)
+
+    def _lookahead_rest(
+        self,
+        closure: Callable[[], Any],
+        rng_at_start: RngState,
+        loss: Any,
+        f0: torch.Tensor,
+        active: list[torch.Tensor],
+        units: list[list[int]],
+        unit_groups: list[int],
+        *,
+        rose: bool = False,
+    ) -> Any:
+        """A lookahead step from its first closure call on: the inner step, the lookahead, the rule.
+
+        ``rose``: a plain step measured because its loss rose sharply (see ``rise_threshold``).
+        """
         local = _locals(active)  # DTensor parameters (FSDP2): this rank's shards
         grads = _locals([p.grad for p in active])
         probe = self._measure_fresh_slope(active, local, grads, units)
@@ -521,6 +568,7 @@ class Newt(torch.optim.Optimizer):
             values = reduce_measurements(values, 2, is_sharded=self._sharded, group=self.process_group).tolist()
             n = len(units)
             f0_value, f1_value, d0s, d1s = values[0], values[1], values[2 : 2 + n], values[2 + n : 2 + 2 * n]
+            self._remember_loss(f0_value)
             if probe is not None:
                 for key, d0_, d1_, fresh in zip(probe.keys, probe.d0, probe.d1, values[2 + 2 * n :]):
                     self._noise.observe(key, d0_, d1_, fresh)
@@ -537,7 +585,13 @@ class Newt(torch.optim.Optimizer):
         elif self.noise_correction > 0.0:  # theta_{t+1} stays: a fresh batch can measure there
             self._probe = _NoiseProbe(active, keys, d0s, d1s)
         deferred = None
-        if (self._steps + 1) % self.update_every and not self._on_probation():  # plain steps follow
+        if rose:
+            # A batch picked for its high loss has a steep line along which its own loss falls
+            # fast: an increase read there is not evidence (MNIST-1D: 12 of 16 runs whose
+            # measured steps could raise the rate ended higher). It may lower the rate or undo
+            # the step; a held-back increase is dropped too.
+            proposals, _ = self._hold_growth(unit_groups, proposals)
+        elif (self._steps + 1) % self.update_every and not self._on_probation():  # plain steps follow
             proposals, deferred = self._hold_growth(unit_groups, proposals)
         self._finish(f0_value, f1_value, d0s, d1s, unit_groups, proposals, rejected=rejected, noise=noise)
         self._deferred = deferred
@@ -545,15 +599,29 @@ class Newt(torch.optim.Optimizer):
 
     def _plain_step(self, closure: Callable[[], Any]) -> Any:
         """A step that does not adapt the rate (lazy updates): one closure call, one inner step."""
-        loss, f0, active = self._first_call(closure, self._params())
+        params = self._params()
+        watching = math.isfinite(self.rise_threshold)
+        # the RNG state a lookahead would replay, in case this step turns into one
+        rng_at_start = RngState(cuda_devices(params)) if watching else None
+        loss, f0, active = self._first_call(closure, params)
         units, unit_groups = self._units(active)
         if self._stopped_before_step(f0, active, unit_groups):
             return loss
+        if watching:
+            # every rank must take the same branch: the decision reads the batch's mean loss
+            f0_value = reduce_measurements(
+                f0.detach().to(torch.float64).reshape(1), 1, is_sharded=self._sharded, group=self.process_group
+            ).item()
+            if rose_sharply(self._recent_losses, f0_value, self.rise_threshold):
+                return self._lookahead_rest(closure, rng_at_start, loss, f0, active, units, unit_groups, rose=True)
+        else:
+            f0_value = float(f0)
+        self._remember_loss(f0_value)
         if self._probe is not None and self._probe.fresh is None:  # right after a lookahead step
             grads = _locals([p.grad for p in active])
             self._probe = self._measure_fresh_slope(active, _locals(active), grads, units)
         self._guarded_inner_step(active)
-        self._finish_plain(float(f0))
+        self._finish_plain(f0_value)
         return loss
 
     def _hold_growth(
@@ -969,6 +1037,12 @@ class Newt(torch.optim.Optimizer):
             self._rates.scale_all(unit_groups[0], alphas[0])
         self._rates.write(self.param_groups)
 
+    def _remember_loss(self, f0: float) -> None:
+        """Keep a closure step's loss at ``theta_t`` among the last ``RISE_WINDOW`` (see ``rise_threshold``)."""
+        if math.isfinite(f0):
+            self._recent_losses.append(f0)
+            del self._recent_losses[:-RISE_WINDOW]
+
     def _finish_plain(self, f0: float) -> None:
         alpha = max(rate.used for rate in self._rates.groups)
         self._steps += 1
@@ -1036,6 +1110,7 @@ class Newt(torch.optim.Optimizer):
             "deferred": None if self._deferred is None else [list(self._deferred[0]), list(self._deferred[1])],
             "given_loss": None if self._given_loss is None else float(self._given_loss),
             "loss_reference": self._loss_reference,
+            "recent_losses": list(self._recent_losses),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -1073,6 +1148,8 @@ class Newt(torch.optim.Optimizer):
         self._load_probe(noise_state.get("probe"))
         deferred = newt_state.get("deferred")
         self._deferred = None if deferred is None else ([int(g) for g in deferred[0]], [float(a) for a in deferred[1]])
+        # absent from checkpoints made before rise_threshold: the window refills within RISE_WINDOW steps
+        self._recent_losses = [float(x) for x in newt_state.get("recent_losses", [])][-RISE_WINDOW:]
         given = newt_state.get("given_loss")  # absent from checkpoints made before give_loss()
         self._given_loss = None if given is None else float(given)
         reference = newt_state.get("loss_reference")

@@ -36,7 +36,7 @@ GLOBAL_BATCH = 32
 class Config:
     wrapper: str  # "ddp" or "fsdp"
     strategy: str
-    mode: str  # "lookahead", "lazy", "closure-free" or "closure-free-loss" (step(loss=...))
+    mode: str  # "lookahead", "lazy", "lazy-rise", "closure-free" or "closure-free-loss" (step(loss=...))
 
     @property
     def id(self) -> str:
@@ -44,7 +44,7 @@ class Config:
 
     def newt_options(self) -> dict:
         options = {"strategy": self.strategy}
-        if self.mode == "lazy":
+        if self.mode in ("lazy", "lazy-rise"):
             options["update_every"] = 3
         return options
 
@@ -53,6 +53,7 @@ FREE_MODES = ("closure-free", "closure-free-loss")
 CONFIGS = [
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "taylor", "gen") for m in ("lookahead", "lazy")),
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "gen") for m in FREE_MODES),
+    *(Config(w, "gen", "lazy-rise") for w in ("ddp", "fsdp")),
 ]
 FAR_TOO_LARGE = 1.0
 """The start of the ``closure-free-loss`` runs: its first step is undone by the start-up test."""
@@ -63,23 +64,39 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
 
 
-def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+RISE_STEP = 10
+"""In the ``lazy-rise`` runs, a plain step (K = 3) where rank 0's half of the batch has a far higher
+loss, rank 1's does not: only their mean decides, so both ranks measure the step."""
+
+
+def _batches(rise: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [
+    batches = [
         (torch.randn(GLOBAL_BATCH, 8, generator=gen, dtype=torch.float64), torch.randn(GLOBAL_BATCH, 1, generator=gen))
         for _ in range(STEPS)
     ]
+    if rise:
+        x, y = batches[RISE_STEP]
+        y = y.clone()
+        y[: GLOBAL_BATCH // WORLD] += 10.0  # rank 0's half: a loss about 100 times the others'
+        batches[RISE_STEP] = (x, y)
+    return batches
 
 
-def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[list[float], list[torch.Tensor], int]:
-    """Train and return the rate after each step, the final full parameters and the undone steps."""
+def _train(
+    model: nn.Module, config: Config, batches, shard: slice
+) -> tuple[list[float], list[torch.Tensor], int, list[int]]:
+    """Train; return the rate after each step, the final full parameters, the undone steps and
+    the closure calls of each step."""
     lr = FAR_TOO_LARGE if config.mode == "closure-free-loss" else 1e-3
     opt = Newt(torch.optim.Adam(model.parameters(), lr=lr), **config.newt_options())
-    rates = []
+    rates, calls = [], []
     for x, y in batches:
         xb, yb = x[shard], y[shard].double()
+        calls.append(0)
 
         def closure():
+            calls[-1] += 1
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(xb), yb)
             loss.backward()
@@ -94,7 +111,7 @@ def _train(model: nn.Module, config: Config, batches, shard: slice) -> tuple[lis
             opt.step(closure)
         rates.append(opt.param_groups[0]["lr"])
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    return rates, [t.detach().clone() for t in full], opt.state_dict()["newt"]["rejected"]
+    return rates, [t.detach().clone() for t in full], opt.state_dict()["newt"]["rejected"], calls
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -119,7 +136,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 for layer in (model[0], model[2]):
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
-            results[config.id] = _train(model, config, _batches(), shard)
+            results[config.id] = _train(model, config, _batches(config.mode == "lazy-rise"), shard)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -140,18 +157,21 @@ def distributed_results(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 def test_every_rank_applies_the_same_rate_and_holds_the_same_parameters(distributed_results, config):
-    (rates0, params0, undone0), (rates1, params1, undone1) = (r[config.id] for r in distributed_results)
-    assert rates0 == rates1 and undone0 == undone1
+    (rates0, params0, undone0, calls0), (rates1, params1, undone1, calls1) = (r[config.id] for r in distributed_results)
+    assert rates0 == rates1 and undone0 == undone1 and calls0 == calls1
     assert len(set(rates0)) > 1  # the rate did adapt
     assert (undone0 > 0) == (config.mode == "closure-free-loss")  # the start-up test acted there
+    if config.mode.startswith("lazy"):  # the step whose loss rose sharply was measured on both ranks
+        assert calls0[RISE_STEP] == (2 if config.mode == "lazy-rise" else 1)
     for a, b in zip(params0, params1):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.id)
 def test_distributed_training_matches_one_process_on_the_whole_batch(distributed_results, config):
-    rates, params, undone = distributed_results[0][config.id]
-    single_rates, single_params, single_undone = _train(_model(), config, _batches(), slice(None))
-    assert rates == pytest.approx(single_rates, rel=1e-9) and undone == single_undone
+    rates, params, undone, calls = distributed_results[0][config.id]
+    batches = _batches(config.mode == "lazy-rise")
+    single_rates, single_params, single_undone, single_calls = _train(_model(), config, batches, slice(None))
+    assert rates == pytest.approx(single_rates, rel=1e-9) and undone == single_undone and calls == single_calls
     for a, b in zip(params, single_params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -113,6 +113,164 @@ def test_lazy_updates_hold_an_increase_back_until_the_next_lookahead_step(start)
         assert used[1] == used[2] == pytest.approx(minimiser, rel=1e-9)  # a decrease applies at once
 
 
+BASE = 10.0
+"""A constant added to the quadratic's loss, which keeps every loss of these runs positive."""
+
+
+def _first_loss(seed: int = 2) -> float:
+    a, b, x = _quadratic(seed)
+    return float(_loss(a, b, x.detach())) + BASE
+
+
+JUMP = 5.0
+"""An offset of ``JUMP * _first_loss()`` lifts a step's loss above four times every earlier one."""
+
+
+def _run_with_offsets(
+    offsets: list[float], *, rise_threshold: float = 3.0, seed: int = 2, start: float = 1 / 8, opt=None, state=None
+):
+    """Lazy SGD (K = 4) on a quadratic whose loss at step t is shifted by ``BASE + offsets[t]``.
+
+    A constant shift moves both closure calls' losses alike and no gradient: it plays a batch
+    whose loss is higher without changing the step. The initial rate is ``start`` times the
+    first step's line minimiser. Returns the optimizer, the closure calls per step, each step's
+    decision and rate, the line minimiser of each step's gradient, and the quadratic.
+    """
+    a, b, x = _quadratic(seed) if state is None else state
+    if opt is None:
+        opt = Newt(
+            torch.optim.SGD([x], lr=start * _line_minimiser(a, _grad(a, b, x))),
+            strategy="retsinas",
+            update_every=4,
+            gamma=1.0,
+            start_armijo=0.0,  # no probation: the plain steps are plain from the first block on
+            noise_correction=0.0,
+            rise_threshold=rise_threshold,
+            **WIDE,
+        )
+    calls, decisions, rates, minimisers = [], [], [], []
+    for offset in offsets:
+        count = 0
+
+        def closure():
+            nonlocal count
+            count += 1
+            opt.zero_grad()
+            loss = _loss(a, b, x) + BASE + offset
+            loss.backward()
+            return loss
+
+        rates.append(opt.param_groups[0]["lr"])
+        minimisers.append(_line_minimiser(a, _grad(a, b, x)))
+        opt.step(closure)
+        calls.append(count)
+        decisions.append(opt.step_info.decision)
+    return opt, calls, decisions, rates, minimisers, (a, b, x)
+
+
+def _line_minimiser(a: torch.Tensor, g: torch.Tensor) -> float:
+    """SGD's step along -g on the quadratic: the rate that minimises the loss, g.g / g.A.g."""
+    return float(g @ g / (g @ a @ g))
+
+
+def test_lazy_mode_measures_a_plain_step_whose_loss_rose_sharply():
+    # Undamped retsinas on SGD over a quadratic lands on the line minimiser of the step's own
+    # gradient. From 1.5 times the first one: step 0 lowers the rate to it at once; step 1, a
+    # plain step whose loss rose sharply, is measured and lowers it to its own line's minimiser.
+    jump = [0.0, JUMP * _first_loss(seed=1)] + [0.0] * 10
+    _, calls, decisions, rates, minimisers, _ = _run_with_offsets(jump, seed=1, start=1.5)
+    assert calls == [2, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1]  # step 1 measured; the schedule unchanged
+    assert [d == Decision.PLAIN for d in decisions] == [c == 1 for c in calls]
+    assert rates[1] == pytest.approx(minimisers[0], rel=1e-9)
+    assert minimisers[1] < rates[1]
+    assert rates[2] == pytest.approx(minimisers[1], rel=1e-9)
+    assert rates[2] == rates[3] == rates[4]
+
+
+def test_a_measured_plain_step_never_raises_the_rate():
+    # From an eighth of the first line minimiser, step 0 proposes an increase, held back for the
+    # next scheduled lookahead step (4); step 1's loss rose sharply, and its measurement, which
+    # proposes an increase too, drops both: a batch picked for its high loss may only lower it.
+    jump = [0.0, JUMP * _first_loss()] + [0.0] * 7
+    _, calls, _, rates, minimisers, _ = _run_with_offsets(jump)
+    assert calls == [2, 2, 1, 1, 2, 1, 1, 1, 2]
+    assert minimisers[1] > rates[1]
+    assert rates[0] == rates[1] == rates[2] == rates[3] == rates[4]
+    assert rates[8] == pytest.approx(minimisers[4], rel=1e-9)  # step 4 still adapts as scheduled
+    # Without the rise check step 1 is plain and step 4 uses the increase step 0 proposed.
+    _, calls, _, rates, minimisers, _ = _run_with_offsets(jump, rise_threshold=math.inf)
+    assert calls == [2, 1, 1, 1, 2, 1, 1, 1, 2]
+    assert rates[4] == pytest.approx(minimisers[0], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "offsets, rise_threshold",
+    [
+        ([0.0] * 6 + [2.0 * _first_loss()] + [0.0] * 5, 3.0),  # below four times the first loss
+        ([0.0] * 6 + [JUMP * _first_loss()] + [0.0] * 5, math.inf),  # the check turned off
+    ],
+    ids=["below-the-threshold", "off"],
+)
+def test_lazy_mode_keeps_a_plain_step_plain_below_the_rise_threshold(offsets, rise_threshold):
+    _, calls, decisions, *_ = _run_with_offsets(offsets, rise_threshold=rise_threshold)
+    assert calls == [2, 1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1]
+    assert decisions[6] == Decision.PLAIN
+
+
+def test_lazy_mode_compares_with_the_largest_of_the_last_eight_losses():
+    # A high loss at step 1 is the largest of the window until it falls out of it, 8 steps on:
+    # the same high loss again at step 9 is within the window's largest, at step 10 it is not.
+    high = JUMP * _first_loss()
+    for repeat_at, measured in ((9, False), (10, True)):
+        offsets = [0.0] * 12
+        offsets[1] = offsets[repeat_at] = high
+        _, calls, _, _, _, _ = _run_with_offsets(offsets)
+        assert calls[1] == 2  # the first rise is measured (a plain step)
+        assert (calls[repeat_at] == 2) is measured, (repeat_at, calls)
+
+
+def test_the_recent_losses_survive_a_checkpoint():
+    opt, _, _, _, _, state = _run_with_offsets([0.0] * 6)
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    a, b, x = state
+    x_copy = x.detach().clone().requires_grad_(True)
+    resumed = Newt(torch.optim.SGD([x_copy], lr=1.0), strategy="retsinas", update_every=4, **WIDE)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert resumed.state_dict()["newt"]["recent_losses"] == opt.state_dict()["newt"]["recent_losses"]
+    assert len(resumed.state_dict()["newt"]["recent_losses"]) == 6
+    # step 6 is plain and its loss rose sharply: only a resumed window can tell
+    _, calls, _, _, _, _ = _run_with_offsets([JUMP * _first_loss(), 0.0], opt=resumed, state=(a, b, x_copy))
+    assert calls == [2, 1]
+
+
+def test_a_measured_plain_step_replays_the_random_state_of_its_first_call():
+    # dropout-like randomness: both closure calls of the measured step must draw the same numbers,
+    # and the run's random stream must be as if every step had called the closure once
+    torch.manual_seed(3)
+    a, b, x = _quadratic(seed=2)
+    opt = Newt(torch.optim.SGD([x], lr=1e-3), strategy="retsinas", update_every=4, start_armijo=0.0, **WIDE)
+    offsets = [0.0] * 6 + [JUMP * _first_loss()] + [0.0]
+    draws = []
+    for offset in offsets:
+
+        def closure():
+            opt.zero_grad()
+            noise = torch.rand(())
+            draws.append(float(noise))
+            loss = _loss(a, b, x) + BASE + offset + 1e-3 * noise
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    torch.manual_seed(3)
+    once_per_step = [float(torch.rand(())) for _ in offsets]
+    calls = [2, 1, 1, 1, 2, 1, 2, 1]  # lookahead steps 0 and 4, the measured plain step 6
+    expected = [d for d, n in zip(once_per_step, calls) for _ in range(n)]
+    assert draws == expected
+
+
 # ---------------------------------------------------------------- the default strategy
 
 

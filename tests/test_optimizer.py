@@ -462,6 +462,8 @@ def _with_lr(inner, lr):
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), reject_spikes=1), TypeError, "reject_spikes must be True"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), blow_up_threshold=-1.0), ValueError, "blow_up_threshold must be"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), blow_up_threshold="2"), TypeError, "blow_up_threshold must be a"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), rise_threshold=0.0), ValueError, "rise_threshold must be"),
+        (lambda p: Newt(torch.optim.SGD([p], lr=0.1), rise_threshold="3"), TypeError, "rise_threshold must be a"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), hold_on_ascent="yes"), TypeError, "hold_on_ascent must be True"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), start_armijo=1.0), ValueError, r"start_armijo must be in \[0, 1"),
         (lambda p: Newt(torch.optim.SGD([p], lr=0.1), start_armijo=None), TypeError, "start_armijo must be a real"),
