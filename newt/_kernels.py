@@ -4,9 +4,9 @@ Note [one buffer]: the only parameter-sized memory Newt keeps is a snapshot of t
 step ``d = theta_t - theta_{t+1}`` is never stored: the dot products recompute it bucket by
 bucket into short-lived temporaries (two at a time: the step's entries times the gradient, then
 the same flattened into one tensor for a single sum) of at most ``_BUCKET_NUMEL`` elements each
-(or one tensor, if a single tensor is larger). Keeping theta_t itself, rather than d, is what lets a rejected or
-failed step restore the parameters bit for bit (``theta_{t+1} + d`` is not always exactly
-``theta_t`` in floating point).
+(or one tensor, if a single tensor is larger). Keeping theta_t itself, rather than d, is what
+lets a rejected or failed step restore the parameters bit for bit (``theta_{t+1} + d`` is not
+always exactly ``theta_t`` in floating point).
 
 Every function here has a multi-tensor path built on ``torch._foreach_*`` kernels and a
 per-tensor path; the tests check that both give the same numbers. Results stay on the device:

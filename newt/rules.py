@@ -393,8 +393,8 @@ def rose_sharply(recent: Sequence[float], f: float, threshold: float) -> bool:
     by more than ``threshold`` times its size (lazy mode, on a plain step).
 
     Lazy mode's plain steps run unmeasured at the rate the last lookahead step tested; an
-    instability that builds up over a few of them (Adam late in training at a rate that has
-    grown, momentum SGD overshooting) shows as a batch loss well above every recent one, and
+    instability that builds up over a few of them (in the benchmarks: Adam late in training, at
+    a rate that has grown) shows as a batch loss well above every recent one, and
     the optimizer then measures that step as a lookahead step, which can undo it. Batch losses
     scatter, so the comparison is with the largest recent loss and the threshold is wide.
     Non-finite entries of ``recent`` are skipped; without a finite one, or for a NaN ``f``,
