@@ -317,34 +317,17 @@ class Newt(torch.optim.Optimizer):
             self._loss_free_rule = LOSS_FREE_STRATEGIES.get("retsinas" if strategy == AUTO else strategy)
         # closure-free steps whose given loss is checked for a blow-up (see AUTO)
         self._checked_free_rule = gen_slopes if strategy == AUTO else self._loss_free_rule
-        self.spike_threshold = check_real(
-            "spike_threshold",
-            spike_threshold,
-            low=0,
-            high=math.inf,
-            low_open=True,
-            high_open=False,
-            hint="spike_threshold is the relative loss rise that counts as a spike, e.g. 0.2 (math.inf: off).",
+        self.spike_threshold = _check_threshold(
+            "spike_threshold", spike_threshold, "the relative loss rise that counts as a spike, e.g. 0.2"
         )
         self.reject_spikes = _check_flag("reject_spikes", reject_spikes)
-        self.blow_up_threshold = check_real(
-            "blow_up_threshold",
-            blow_up_threshold,
-            low=0,
-            high=math.inf,
-            low_open=True,
-            high_open=False,
-            hint="blow_up_threshold is the rise above the first loss counted as a blow-up, e.g. 0.5 (math.inf: off).",
+        self.blow_up_threshold = _check_threshold(
+            "blow_up_threshold", blow_up_threshold, "the rise above the first loss counted as a blow-up, e.g. 0.5"
         )
-        self.rise_threshold = check_real(
+        self.rise_threshold = _check_threshold(
             "rise_threshold",
             rise_threshold,
-            low=0,
-            high=math.inf,
-            low_open=True,
-            high_open=False,
-            hint="rise_threshold is the rise above the largest recent loss that makes a plain step a lookahead "
-            "step, e.g. 3 (math.inf: off).",
+            "the rise above the largest recent loss that makes a plain step a lookahead step, e.g. 3",
         )
         self._recent_losses: list[float] = []  # the last RISE_WINDOW closure steps' losses at theta_t
         self.start_armijo = check_real(
@@ -1280,6 +1263,13 @@ def _check_group_lr(group: dict[str, Any], index: int) -> None:
         lr = lr.item()
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"param group {index} has lr={group['lr']!r}: it must be a finite number >= 0.")
+
+
+def _check_threshold(name: str, value: object, meaning: str) -> float:
+    """A relative loss rise that triggers a check: in (0, inf], where ``math.inf`` turns it off."""
+    return check_real(
+        name, value, low=0, high=math.inf, low_open=True, high_open=False, hint=f"{name} is {meaning} (math.inf: off)."
+    )
 
 
 def _check_flag(name: str, value: object) -> bool:
