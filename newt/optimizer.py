@@ -202,9 +202,11 @@ class Newt(torch.optim.Optimizer):
             the last lookahead step tested, unmeasured; an instability that builds up over a
             few of them (Adam late in training, at a rate that has grown) shows as such a rise
             before the next scheduled lookahead step would see it (see
-            :func:`newt.rules.rose_sharply`). Reading the loss before the inner step costs
-            nothing extra on the CPU; under ``torch.distributed`` the ranks average it (one
-            small ``all_reduce`` per plain step). In (0, inf]; ``math.inf`` turns it off.
+            :func:`newt.rules.rose_sharply`). Each plain step saves the random state and reads
+            its loss before the inner step (on a GPU that read waits for the backward pass):
+            2-3 % of a lazy step of a small MLP on the CPU (docs/benchmarks.md). Under
+            ``torch.distributed`` the ranks average the loss (one small ``all_reduce`` per
+            plain step). In (0, inf]; ``math.inf`` turns it off.
         start_armijo: The initial rate is the caller's guess, so it is on probation: until one
             step's loss falls by at least ``start_armijo`` times the decrease its slope
             predicts (``f0 - f1 >= start_armijo * D0`` on the same batch, Armijo's
