@@ -4,7 +4,9 @@ Run ``python -m benchmarks.overhead`` (a few minutes on 2 CPU cores). For an MLP
 digits data and a small character-level transformer, it times a training step of:
 
 - the bare inner optimizer (Adam): closure (forward + backward), then ``inner.step()``;
-- ``Newt`` in lookahead mode, lazy mode (``update_every=4``) and closure-free mode.
+- ``Newt`` in lookahead mode, lazy mode (``update_every=4``), closure-free mode, and closure-free
+  mode in blocks of four (``update_every=4``: one host synchronisation per four steps, which
+  shows on a GPU what the one per step of closure-free mode costs).
 
 The methods are interleaved, repetition by repetition (four steps each: one cycle of the lazy
 mode), so that a busy machine slows them all alike; the table reports the median seconds per
@@ -96,7 +98,7 @@ def _synchronize(device: str) -> None:
 
 
 def _newts(inner: torch.optim.Optimizer) -> dict[str, Newt]:
-    """The three modes timed against the bare optimizer, all around the same ``inner``."""
+    """The modes timed against the bare optimizer, all around the same ``inner``."""
     # The lookahead steps must not be rejected or reshape the rate, nor lazy mode's first steps
     # all be lookahead steps while the start is unproven: the timing is about the work.
     untested = dict(spike_threshold=float("inf"), start_armijo=0.0)
@@ -104,12 +106,14 @@ def _newts(inner: torch.optim.Optimizer) -> dict[str, Newt]:
         "Newt lookahead": Newt(inner, strategy="taylor", **untested),
         "Newt lazy K=4": Newt(inner, strategy="taylor", update_every=4, **untested),
         "Newt closure-free": Newt(inner, strategy="retsinas"),
+        "Newt closure-free K=4": Newt(inner, strategy="retsinas", update_every=4),
     }
 
 
 def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str = "cpu"):
     """One step function per method; each returns the seconds Newt spent outside closure and inner step."""
-    state = {name: {k: v.clone() for k, v in model.state_dict().items()} for name in ("bare", "la", "lazy", "cf")}
+    names = ("bare", "la", "lazy", "cf", "cf4")
+    state = {name: {k: v.clone() for k, v in model.state_dict().items()} for name in names}
     inner = torch.optim.Adam(model.parameters(), lr=1e-3)
     closure_seconds = [0.0]
 
@@ -132,7 +136,7 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
 
     inner.step = timed_inner_step
     newts = _newts(inner)
-    lookahead, lazy, closure_free = newts.values()
+    lookahead, lazy, closure_free, closure_free_blocks = newts.values()
 
     def measured(name: str, body: Callable[[], None]) -> Callable[[], float]:
         def run() -> float:
@@ -154,16 +158,20 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
         closure()
         inner.step()
 
-    def closure_free_step() -> None:
-        closure()
-        closure_free.step()
+    def closure_free_step(newt: Newt) -> Callable[[], None]:
+        def step() -> None:
+            closure()
+            newt.step()
+
+        return step
 
     return {
         "bare Adam": measured("bare", bare),
         "Newt lookahead": measured("la", lambda: lookahead.step(closure)),
         "Newt lazy K=4": measured("lazy", lambda: lazy.step(closure)),
-        "Newt closure-free": measured("cf", closure_free_step),
-    }, (lookahead, lazy, closure_free)
+        "Newt closure-free": measured("cf", closure_free_step(closure_free)),
+        "Newt closure-free K=4": measured("cf4", closure_free_step(closure_free_blocks)),
+    }, tuple(newts.values())
 
 
 class _MallInfo2(ctypes.Structure):
@@ -237,7 +245,7 @@ def peak_memory(task: str, method: str, device: str = "cuda", steps: int = 2 * S
             return loss
 
         for _ in range(steps):
-            if method in ("bare Adam", "Newt closure-free"):
+            if method == "bare Adam" or method.startswith("Newt closure-free"):
                 closure()
                 opt.step()
             else:

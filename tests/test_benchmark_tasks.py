@@ -238,10 +238,11 @@ def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(ca
     overhead.measure("mlp", repeats=1)
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "ms |" in line]
-    assert [row[0] for row in rows] == ["| bare Adam", "| Newt lookahead", "| Newt lazy K=4", "| Newt closure-free"]
+    methods = ["bare Adam", "Newt lookahead", "Newt lazy K=4", "Newt closure-free", "Newt closure-free K=4"]
+    assert [row[0] for row in rows] == [f"| {method}" for method in methods]
     assert all(float(row[2]) > 0 for row in rows) and float(rows[0][2]) == 1.0  # ratios to the bare step
     buffers = [line for line in out.splitlines() if line.startswith("parameter-sized buffers held by")]
-    assert len(buffers) == 3 and all(line.endswith(": 1.00") for line in buffers)
+    assert len(buffers) == 4 and all(line.endswith(": 1.00") for line in buffers)
 
 
 @pytest.mark.skipif(overhead.HEAP_BYTES is None, reason="the CPU peak memory reads glibc's mallinfo2")
@@ -254,7 +255,7 @@ def test_the_overhead_benchmarks_cpu_peak_memory_sees_the_snapshot_and_nothing_m
     overhead.peak_memory("mlp", "bare Adam", "cpu")  # first-use caches
     bare = overhead.peak_memory("mlp", "bare Adam", "cpu")
     assert bare > 10 * weights  # model, gradients, Adam's two moments and a batch's activations
-    for method in ("Newt lookahead", "Newt lazy K=4", "Newt closure-free"):
+    for method in ("Newt lookahead", "Newt lazy K=4", "Newt closure-free", "Newt closure-free K=4"):
         extra = overhead.peak_memory("mlp", method, "cpu") - bare
         assert 0.9 * weights <= extra < 4 * weights, (method, extra / weights)
 
