@@ -102,9 +102,12 @@ pattern names their tag (``-nc``, ``-st``, ``-sa``, ``-ah``, ``-sm``, ``-sh``, `
 ``-ue``). Lookahead mode, except ``update_every`` > 1 (lazy mode; K = 4 is its own row)."""
 FREE_ABLATIONS = {
     "ga": ("gamma", (0.25, 1.0), ("retsinas",)),
+    "ue": ("update_every", (4,), ("retsinas", "gen")),
 }
 """The same for closure-free mode (gamma 0.5: the damping of ``retsinas``, which the default
-strategy uses there): methods ``newt-<inner>-<strategy>-free-<tag><value>``."""
+strategy uses there; update_every 1: blocks of K steps synchronise with the host once per block,
+which is what a GPU notices): methods ``newt-<inner>-<strategy>-free-<tag><value>``, and
+``newt-<inner>-<strategy>-free-loss-<tag><value>`` given the loss (``step(loss=...)``)."""
 DEFAULT_NEWT = "newt-adam-gen"
 CURVE_POINTS = 200  # points kept per curve in the results file (a moving average in between)
 
@@ -192,24 +195,27 @@ def _methods() -> dict[str, Method]:
                 methods.append(
                     Method(f"newt-{inner}-{strategy}{suffix}", f"Newt({label}) {strategy}, {mode}", "newt", True, build)
                 )
-        ablations = [(tag, *entry, False) for tag, entry in ABLATIONS.items()]
-        ablations += [(tag, *entry, True) for tag, entry in FREE_ABLATIONS.items()]
-        for tag, option, values, strategies, free in ablations:
+        ablations = [(tag, *entry, "") for tag, entry in ABLATIONS.items()]
+        ablations += [
+            (tag, *entry, suffix) for tag, entry in FREE_ABLATIONS.items() for suffix in ("-free", "-free-loss")
+        ]
+        for tag, option, values, strategies, suffix in ablations:
             for strategy in strategies:
                 for value in values:
 
-                    def build(m, lr, c, make=make, strategy=strategy, option=option, value=value, free=free):
-                        return NewtStepper(Newt(make(m.parameters(), lr), strategy=strategy, **{option: value}), free)
+                    def build(m, lr, c, make=make, strategy=strategy, option=option, value=value, suffix=suffix):
+                        opt = Newt(make(m.parameters(), lr), strategy=strategy, **{option: value})
+                        return NewtStepper(opt, suffix != "", give_loss=suffix == "-free-loss")
 
-                    if free:
-                        mode = f"closure-free, {option}={value:g}"
+                    if suffix:
+                        mode = f"{MODE_LABELS[suffix]}, {option}={value:g}"
                     elif option == "update_every":
                         mode = f"lazy K={value:g}"
                     else:
                         mode = f"lookahead, {option}={value:g}"
                     methods.append(
                         Method(
-                            f"newt-{inner}-{strategy}{'-free' if free else ''}-{tag}{value:g}",
+                            f"newt-{inner}-{strategy}{suffix}-{tag}{value:g}",
                             f"Newt({label}) {strategy}, {mode}",
                             "newt",
                             True,

@@ -222,7 +222,13 @@ def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     damping = robustness.select_methods(["newt-*-retsinas-free-ga*"])
     assert damping == [f"newt-{inner}-retsinas-free-ga{g}" for inner in ("adam", "sgd") for g in ("0.25", "1")]
     stepper = METHODS["newt-sgd-retsinas-free-ga1"].build(torch.nn.Linear(1, 1), 0.1, None)
-    assert stepper.closure_free and stepper.optimizer.options.gamma == 1.0
+    assert stepper.closure_free and not stepper.give_loss and stepper.optimizer.options.gamma == 1.0
+    blocks = robustness.select_methods(["newt-adam-*-free-loss-ue*"])
+    assert blocks == ["newt-adam-retsinas-free-loss-ue4", "newt-adam-gen-free-loss-ue4"]
+    assert METHODS["newt-adam-gen-free-loss-ue4"].label == "Newt(Adam) gen, closure-free, loss=, update_every=4"
+    stepper = METHODS["newt-adam-gen-free-loss-ue4"].build(torch.nn.Linear(1, 1), 0.1, None)
+    assert stepper.closure_free and stepper.give_loss and stepper.optimizer.update_every == 4
+    assert "newt-adam-gen-free-ue4" not in robustness.select_methods(["newt-*-free*"])  # named by its tag only
 
 
 def test_the_demo_passes_extra_newt_options_as_python_literals():
