@@ -594,3 +594,31 @@ def test_trainer_on_a_gpu_adapts_the_rate_in_each_precision(tmp_path, precision)
     assert max(rec.inner_rates) > 100 * START_LR, rec.inner_rates
     first, last = _loss_drop(trainer)
     assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_newt_trainer_on_a_gpu_undoes_a_far_too_large_start_in_each_precision(tmp_path, precision):
+    """``NewtTrainer`` with the Trainer's device placement and mixed precision, from lr=1 around
+    AdamW (on the CPU the first step takes the next batch's loss 5.4 -> 17): each step's loss is
+    given from the device, the start-up test undoes the step that wrecked the model, and the
+    loss falls. With ``fp16`` a step that the GradScaler skips never reaches ``Newt``; its loss
+    stays given until the next step's replaces it."""
+    steps, start = 30, 1.0
+    model = _model()
+    opt = Newt(torch.optim.AdamW(model.parameters(), lr=start))
+    given = _spy_on_given_losses(opt)
+    flags = {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}[precision]
+    trainer, rec = _train(
+        tmp_path, opt, model, _noop_scheduler(opt), steps, use_cpu=False, trainer_class=NewtTrainer, **flags
+    )
+
+    assert next(model.parameters()).is_cuda
+    assert len(given) == steps  # one loss per optimizer step, skipped or not
+    state = opt.state_dict()["newt"]
+    assert steps - 5 <= state["steps"] <= steps  # fp16: a few overflows are skipped
+    assert state["rejected"] >= 1 and Decision.SPIKE in rec.decisions
+    assert len(rec.inner_rates) == state["steps"] - state["rejected"]  # an undone step takes no inner step
+    assert rec.inner_rates[0] == start and min(rec.inner_rates) <= 0.1 * start
+    first, last = _loss_drop(trainer)
+    assert last < first - 1.0, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
