@@ -27,10 +27,13 @@ import torch.distributed as dist
 
 __all__ = ["agree_all", "agree_any", "is_distributed", "local_tensor", "reduce_measurements", "sharded"]
 
-try:  # DTensor is public from torch 2.4 on (torch.distributed.tensor); older builds lack it
+try:  # DTensor's public home from torch 2.5 on
     from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch builds without distributed support
-    DTensor = Shard = None
+except ImportError:  # pragma: no cover - depends on the torch version
+    try:  # torch 2.4, whose FSDP2 parameters are these DTensors: missing them would leave shards' partial sums unsummed
+        from torch.distributed._tensor import DTensor, Shard
+    except ImportError:  # torch builds without distributed support
+        DTensor = Shard = None
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
