@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from benchmarks import overhead, peers, robustness, tasks
+from benchmarks import overhead, peers, robustness, sharpness, tasks
 from benchmarks.demo import _option
 from benchmarks.peers import PassCounter
 from benchmarks.robustness import METHODS, Job, NewtStepper, run
@@ -282,3 +282,35 @@ def test_the_trainer_benchmark_undoes_the_start_at_1_under_newt_trainer_only(off
     assert plain[2] == 0 and given[2] >= 1  # steps undone
     assert given[1] < plain[1]  # held-out loss after 6 steps
     assert given[3] < plain[3]  # the final rate: a tenfold cut when the start was undone
+
+
+def test_the_sharpness_probe_matches_the_eigenvalues_of_a_quadratic() -> None:
+    """On ``0.5 z^T A z`` the Hessian is ``A``: power iteration finds its eigenvalue of largest
+    magnitude (as ``torch.linalg.eigvalsh`` computes it), and the curvature along a direction is
+    its Rayleigh quotient, across parameters of several shapes."""
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    a = basis @ torch.diag(torch.tensor([-9.0, 3.0, 1.0, 0.5, -0.2, 0.1], dtype=torch.float64)) @ basis.T
+    x = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def loss() -> torch.Tensor:
+        z = torch.cat([x, w.reshape(-1)])
+        return 0.5 * z @ a @ z
+
+    eigenvalues = torch.linalg.eigvalsh(a)
+    expected = float(eigenvalues[eigenvalues.abs().argmax()])  # -9: the sign is kept
+    assert sharpness.top_eigenvalue(loss, [x, w]) == pytest.approx(expected, rel=1e-9)
+    direction = [torch.randn(4, generator=generator, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)]
+    flat = torch.cat([direction[0], direction[1].reshape(-1)])
+    assert sharpness.curvature_along(loss, [x, w], direction) == pytest.approx(float(flat @ a @ flat / (flat @ flat)))
+
+
+def test_the_sharpness_trace_measures_without_disturbing_the_run() -> None:
+    """A probe restores the parameters it measured at: the run goes on as if unprobed (step 3 reads
+    the same with and without a probe at step 1), and the momentum limit applies to SGD only."""
+    probed, momentum = sharpness.trace("digits", "newt-sgd-gen", 1e-2, 0, 4, {1, 3})
+    unprobed, _ = sharpness.trace("digits", "newt-sgd-gen", 1e-2, 0, 4, {3})
+    assert [r["step"] for r in probed] == [1, 3] and probed[1] == unprobed[0]
+    assert all(math.isfinite(r["lambda_max"]) and r["lambda_max"] != 0.0 for r in probed)
+    assert momentum == 0.9 and sharpness.trace("digits", "newt-adam-gen", 1e-2, 0, 2, set())[1] is None
