@@ -30,7 +30,7 @@ __all__ = ["agree_all", "agree_any", "is_distributed", "local_tensor", "reduce_m
 try:  # DTensor's public home from torch 2.5 on
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - depends on the torch version
-    try:  # torch 2.4, whose FSDP2 parameters are these DTensors: missing them would leave shards' partial sums unsummed
+    try:  # torch 2.4, whose FSDP2 parameters are these DTensors: without them its shards would pass for replicas
         from torch.distributed._tensor import DTensor, Shard
     except ImportError:  # torch builds without distributed support
         DTensor = Shard = None
