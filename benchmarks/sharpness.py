@@ -1,7 +1,7 @@
 """The sharpest curvature of the batch loss against the rate, along one run of the sweep.
 
-Run ``python -m benchmarks.sharpness --method newt-sgd-gen --alpha0 1e-3 --seed 1`` (about a
-minute on one core). It trains one run of the robustness sweep (``benchmarks/robustness.py``:
+Run ``python -m benchmarks.sharpness --method newt-sgd-gen --alpha0 1e-3 --seed 1`` (about 15
+seconds on one core). It trains one run of the robustness sweep (``benchmarks/robustness.py``:
 the same task, model, seed and batches) and, at the steps asked for, measures on that step's
 batch at the point the step started from:
 
