@@ -97,7 +97,8 @@ def trace(
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         return data.sample(batches, spec.batch_size)
 
-    stepper = METHODS[method].build(model, alpha0, Context(budget=math.inf, batches=iter(draw, None)))
+    # The full sweep's budget, which some peers build their schedules from (Schedule-Free's warm-up)
+    stepper = METHODS[method].build(model, alpha0, Context(budget=spec.budget, batches=iter(draw, None)))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     stepper.train()
