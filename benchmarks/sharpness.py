@@ -35,8 +35,8 @@ def _dot(a: Tensors, b: Tensors) -> float:
     return math.fsum(float((x * y).sum()) for x, y in zip(a, b))
 
 
-def _gradient_graph(loss: Callable[[], torch.Tensor], params: Tensors) -> tuple[torch.Tensor, ...]:
-    """The gradient with its graph kept, ready for Hessian-vector products."""
+def gradient_graph(loss: Callable[[], torch.Tensor], params: Tensors) -> tuple[torch.Tensor, ...]:
+    """The gradient of ``loss()`` with its graph kept: the Hessian-vector products below reuse it."""
     with torch.enable_grad():
         return torch.autograd.grad(loss(), params, create_graph=True)
 
@@ -46,13 +46,14 @@ def _hvp(gradient: tuple[torch.Tensor, ...], params: Tensors, vector: Tensors) -
     return [p.detach() for p in products]
 
 
-def top_eigenvalue(loss: Callable[[], torch.Tensor], params: Tensors, *, iterations: int = 30, seed: int = 0) -> float:
-    """The Hessian's eigenvalue of largest magnitude at ``params``, by power iteration.
+def top_eigenvalue(
+    gradient: tuple[torch.Tensor, ...], params: Tensors, *, iterations: int = 30, seed: int = 0
+) -> float:
+    """The Hessian's eigenvalue of largest magnitude, by power iteration on ``gradient``'s graph.
 
     Returns the Rayleigh quotient of the last iterate: a lower bound on ``|lambda_max|`` that
     converges to it at the rate of the gap to the next eigenvalue.
     """
-    gradient = _gradient_graph(loss, params)
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     estimate = 0.0
@@ -65,12 +66,11 @@ def top_eigenvalue(loss: Callable[[], torch.Tensor], params: Tensors, *, iterati
     return estimate
 
 
-def curvature_along(loss: Callable[[], torch.Tensor], params: Tensors, direction: Tensors) -> float:
-    """``d^T H d / |d|^2`` at ``params``: the loss's curvature along ``direction`` (NaN if it is zero)."""
+def curvature_along(gradient: tuple[torch.Tensor, ...], params: Tensors, direction: Tensors) -> float:
+    """``d^T H d / |d|^2`` on ``gradient``'s graph: the curvature along ``direction`` (NaN if it is zero)."""
     norm2 = _dot(direction, direction)
     if norm2 == 0.0:  # no step: Newt undid it (a spike, or a failed start)
         return math.nan
-    gradient = _gradient_graph(loss, params)
     return _dot(direction, _hvp(gradient, params, direction)) / norm2
 
 
@@ -114,9 +114,9 @@ def trace(
         with torch.no_grad():  # measure at the start of the step, on its batch
             for p, s in zip(params, start):
                 p.copy_(s)
-        on_batch = lambda: loss_fn(model(x), y)  # noqa: E731
-        sharpest = top_eigenvalue(on_batch, params)
-        along = curvature_along(on_batch, params, [s - e for s, e in zip(start, end)])
+        gradient = gradient_graph(lambda: loss_fn(model(x), y), params)
+        sharpest = top_eigenvalue(gradient, params)
+        along = curvature_along(gradient, params, [s - e for s, e in zip(start, end)])
         with torch.no_grad():
             for p, e in zip(params, end):
                 p.copy_(e)

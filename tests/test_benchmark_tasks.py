@@ -300,10 +300,15 @@ def test_the_sharpness_probe_matches_the_eigenvalues_of_a_quadratic() -> None:
 
     eigenvalues = torch.linalg.eigvalsh(a)
     expected = float(eigenvalues[eigenvalues.abs().argmax()])  # -9: the sign is kept
-    assert sharpness.top_eigenvalue(loss, [x, w]) == pytest.approx(expected, rel=1e-9)
-    direction = [torch.randn(4, generator=generator, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)]
+    gradient = sharpness.gradient_graph(loss, [x, w])
+    assert sharpness.top_eigenvalue(gradient, [x, w]) == pytest.approx(expected, rel=1e-9)
+    direction = [
+        torch.randn(4, generator=generator, dtype=torch.float64),
+        torch.randn(2, 1, generator=generator, dtype=torch.float64),
+    ]
     flat = torch.cat([direction[0], direction[1].reshape(-1)])
-    assert sharpness.curvature_along(loss, [x, w], direction) == pytest.approx(float(flat @ a @ flat / (flat @ flat)))
+    along = sharpness.curvature_along(gradient, [x, w], direction)
+    assert along == pytest.approx(float(flat @ a @ flat / (flat @ flat)))
 
 
 def test_the_sharpness_trace_measures_without_disturbing_the_run() -> None:
