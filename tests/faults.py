@@ -100,6 +100,7 @@ class FaultyClosure:
     rng: random.Random
     params: list[nn.Parameter]
     spike_factor: dict[int, float] = field(default_factory=lambda: dict(SPIKE_FACTOR))
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None
     calls: int = 0
     raised: InjectedFault | None = None
     returned: list[torch.Tensor] = field(default_factory=list)
@@ -112,7 +113,7 @@ class FaultyClosure:
             loss = loss * self.spike_factor[self.calls]
         elif kind == "nan_loss":
             loss = loss * math.nan  # the returned loss and (through backward) every gradient are NaN
-        loss.backward()
+        (loss if self.scale is None else self.scale(loss)).backward()
         if kind == "nan_grad":
             self._poison_one_gradient()
         elif kind == "raise":
@@ -138,11 +139,14 @@ def faulty_closure(
     fault: Fault | None,
     rng: random.Random,
     spike_factor: dict[int, float] | None = None,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FaultyClosure:
     """The cross-entropy closure of ``model`` on ``(x, y)``, with ``fault`` injected (None: clean).
 
     ``rng`` picks which gradient entries a ``nan_grad`` fault poisons; it is the schedule's own
     generator, so torch's RNG is never touched. ``spike_factor`` overrides :data:`SPIKE_FACTOR`.
+    ``scale`` (a ``GradScaler``'s ``scale``) is applied to the loss before ``backward()``; the
+    closure still returns the unscaled loss.
     """
 
     def body() -> torch.Tensor:
@@ -155,4 +159,5 @@ def faulty_closure(
         rng=rng,
         params=list(model.parameters()),
         spike_factor=dict(SPIKE_FACTOR if spike_factor is None else spike_factor),
+        scale=scale,
     )
