@@ -289,7 +289,7 @@ def measure(task: str, repeats: int, device: str = "cpu") -> None:
             cells += [f"{peaks[name] / 2**20:.2f} MiB", f"{peaks[name] / peaks['bare Adam']:.3f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for newt in newts:
-        held = sum(t.numel() for t in (newt._snapshot or []))
+        held = sum(t.numel() for t in newt.snapshot)
         print(f"parameter-sized buffers held by {newt!r:.60}: {held / parameters:.2f}")
 
 

@@ -7,16 +7,20 @@ steps.
 
 from newt._numerics import Decision, Proposal
 from newt.optimizer import GroupStepInfo, Newt, StepInfo
-from newt.rules import DEFAULT_OPTIONS, STRATEGIES, RuleOptions, gen, gen_slopes, retsinas, taylor
+from newt.options import DEFAULT_OPTIONS, DEFAULT_POLICIES, Policies, RuleOptions
+from newt.rules import RULES, STRATEGIES, gen, gen_slopes, retsinas, taylor
 from newt.schedulers import FactorLR
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "DEFAULT_POLICIES",
+    "RULES",
     "STRATEGIES",
     "Decision",
     "FactorLR",
     "GroupStepInfo",
     "Newt",
+    "Policies",
     "Proposal",
     "RuleOptions",
     "StepInfo",

@@ -56,6 +56,12 @@ class NoiseEstimate:
         self.cap = cap
         self._averages: dict[int, list[float]] = {}  # unit key -> [excess of d1, d0]
 
+    def copy(self) -> NoiseEstimate:
+        """An independent copy (a step updates a copy, which it keeps once the step completes)."""
+        other = NoiseEstimate(self.cap)
+        other._averages = {key: list(averages) for key, averages in self._averages.items()}
+        return other
+
     def observe(self, key: int, d0: float, d1_same: float, d1_fresh: float) -> None:
         """Record one step's ``d0`` and ``d1`` (same batch) and ``d1`` on the next, fresh batch."""
         if not all_finite(d0, d1_same, d1_fresh):

@@ -42,7 +42,7 @@ class GroupRate:
     @property
     def used(self) -> float:
         """The rate the group's next step uses."""
-        return self.adapted if self.multiplier == 1.0 else self.adapted * self.multiplier
+        return self.adapted * self.multiplier
 
 
 class Rates:
@@ -50,6 +50,12 @@ class Rates:
 
     def __init__(self) -> None:
         self.groups: list[GroupRate] = []
+
+    def copy(self) -> Rates:
+        """An independent copy: a step adapts a copy, which becomes the rates once the step completes."""
+        other = Rates()
+        other.groups = [GroupRate(r.adapted, r.multiplier, r.written) for r in self.groups]
+        return other
 
     def sync(self, param_groups: ParamGroups) -> None:
         """Take in changes made to ``group["lr"]`` since the last write, and new groups."""

@@ -1,4 +1,4 @@
-"""The learning-rate update rules: pure functions of five scalars (SPEC sections 3-4).
+"""The learning-rate update rules: pure functions of five scalars, and the table of the built-in ones.
 
 Every rule has the signature::
 
@@ -18,109 +18,40 @@ Rules never divide by a denominator that is not safely positive, never return Na
 infinity, and always return a rate in ``[options.alpha_min, options.alpha_max]``. A custom rule
 passed to :class:`newt.Newt` as ``strategy`` has the same signature; it may also return a bare
 float, and Newt applies the same clamps to whatever it returns.
+
+:data:`RULES` is the one table of the built-in rules: for each, its function, the dimensionless
+ratio it reads off the measurements, and its form that reads only the slopes. The mathematics
+is in ``docs/math.md``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from newt._numerics import (
-    Decision,
-    Proposal,
-    all_finite,
-    bounded,
-    check_real,
-    clamp_alpha,
-    guarded_ratio,
-    kept,
-    shrunk,
-)
+from newt._numerics import Decision, Proposal, all_finite, bounded, guarded_ratio, kept, shrunk
+from newt.options import DEFAULT_OPTIONS, RuleOptions
 
 __all__ = [
     "DEFAULT_OPTIONS",
-    "LOSS_FREE_STRATEGIES",
-    "SLOPE_FORMS",
+    "RULES",
     "STRATEGIES",
     "Decision",
     "Proposal",
     "Rule",
     "RuleOptions",
+    "RuleSpec",
     "gen",
     "gen_slopes",
-    "grown_rate",
     "guard_custom_rule",
-    "held_on_ascent",
-    "next_batch_verdict",
     "retsinas",
     "scheduled_proposal",
     "shrunk_rate",
-    "spike_guard",
-    "sufficient_decrease",
     "taylor",
 ]
 
-
-@dataclass(frozen=True)
-class RuleOptions:
-    """Hyperparameters shared by the rules, validated on construction.
-
-    Attributes:
-        gamma: Newton damping of ``retsinas`` and ``taylor``, in (0, 1]. ``1`` takes the full
-            Newton step; smaller values move only part of the way, which tames mini-batch noise.
-        smoothing: Moving-average coefficient beta of ``gen``, in [0, 1): ``alpha_next =
-            beta * alpha + (1 - beta) * parabola_minimiser``. ``0`` jumps to the minimiser.
-        alpha_min: Smallest rate ever returned, > 0.
-        alpha_max: Largest rate ever returned, > ``alpha_min``.
-        max_factor: Each update's multiplicative change is clamped to
-            ``[1 / max_factor, max_factor]``; > 1. The default 2 takes 14 updates from 1e-5 to 1e-1;
-            a larger cap (Retsinas et al. allow growth up to 100x) lets one noisy mini-batch
-            measurement throw the rate far off.
-        eps: Relative guard of every division: a curvature denominator counts as positive only
-            when it exceeds ``eps * (|d0| + |d1|)``; >= 0. The comparison is scale-free, so
-            multiplying the loss by a constant never changes a decision.
-        shrink: Factor, in (0, 1), applied to the rate when a measured number is NaN
-            or infinite (usually the lookahead stepped into an overflow: the rate was too big),
-            and after a loss spike (see :func:`spike_guard`).
-    """
-
-    gamma: float = 0.5
-    smoothing: float = 0.9
-    alpha_min: float = 1e-10
-    alpha_max: float = 1e4
-    max_factor: float = 2.0
-    eps: float = 1e-8
-    shrink: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name, (low, high, low_open, high_open, hint) in _OPTION_RANGES.items():
-            # frozen dataclass: normalise ints to floats once, here
-            value = check_real(
-                name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=high_open, hint=hint
-            )
-            object.__setattr__(self, name, value)
-        if not self.alpha_min < self.alpha_max:
-            raise ValueError(
-                f"alpha_min must be smaller than alpha_max, got alpha_min={self.alpha_min!r} "
-                f"and alpha_max={self.alpha_max!r}. Swap them or widen the interval."
-            )
-
-
-# name -> (low, high, low end open, high end open, hint for the error message)
-_OPTION_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
-    "gamma": (0, 1, True, False, "gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp."),
-    "smoothing": (0, 1, False, True, "smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9."),
-    "alpha_min": (0, math.inf, True, True, "alpha_min is the smallest learning rate allowed, e.g. 1e-10."),
-    "alpha_max": (0, math.inf, True, True, "alpha_max is the largest learning rate allowed, e.g. 1e4."),
-    "max_factor": (1, math.inf, True, True, "max_factor bounds each update's change, e.g. 2."),
-    "eps": (0, 1, False, True, "eps is a relative tolerance, e.g. 1e-8."),
-    "shrink": (0, 1, True, True, "shrink multiplies the rate after a NaN/inf or a loss spike, e.g. 0.1."),
-}
-
-
-DEFAULT_OPTIONS = RuleOptions()
 
 Rule = Callable[[float, float, float, float, float, RuleOptions], Proposal]
 
@@ -263,26 +194,54 @@ def gen_slopes(
     return _smoothed_parabola(alpha, _gen_slopes_ratio(f0, f1, d0, d1, options.eps), options)
 
 
-STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "taylor": taylor, "gen": gen}
-
-LOSS_FREE_STRATEGIES: Mapping[str, Rule] = {"retsinas": retsinas, "gen": gen_slopes}
-"""The rules usable without loss values (closure-free mode, per-group rates), by strategy name.
-``retsinas`` never reads ``f0``/``f1``; ``gen`` becomes :func:`gen_slopes`."""
-
-SLOPE_FORMS: Mapping[Rule, Rule] = {retsinas: retsinas, taylor: retsinas, gen: gen_slopes, gen_slopes: gen_slopes}
-"""Each built-in rule's form that reads only the slopes, for a step whose loss values say nothing:
-``Newt`` applies it when the decrease the slope predicts is below the rounding of the loss values
-(a tiny rate, a large loss offset, a low-precision loss), where ``f1 - f0`` is rounding alone.
-``taylor`` with the curvature from the slopes, ``d0 - d1``, is ``retsinas``."""
+Ratio = Callable[[float, float, float, float, float], float | None]
 
 
-# rule -> (its ratio, whether the ratio is a Newton increment or a parabola minimiser)
-_RATIOS = {
-    retsinas: (_retsinas_ratio, True),
-    taylor: (_taylor_ratio, True),
-    gen: (_gen_ratio, False),
-    gen_slopes: (_gen_slopes_ratio, False),
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule and what ``Newt`` needs to know about it.
+
+    Attributes:
+        name: The rule's name (a strategy name, or the custom rule's function name).
+        rule: The function, with the signature of :data:`Rule`.
+        ratio: The dimensionless ratio the rule reads off the measurements (None when its
+            curvature denominator is not safely positive); None for a custom rule.
+        newton: Whether the ratio is a Newton increment (the line-minimiser estimate is
+            ``alpha * (1 + ratio)``) or a parabola minimiser (``alpha * ratio``).
+        reads_losses: Whether the rule reads ``f0`` and ``f1``.
+        slope_form: The name of the rule's form that reads only the slopes (None for a custom
+            rule): ``Newt`` uses it on a step whose predicted change is below the rounding of
+            the loss values, where ``f1 - f0`` is rounding alone.
+        loss_free: The name of the rule a strategy of this name applies where no loss values
+            are measured (closure-free steps, per-group rates); None where it has none.
+    """
+
+    name: str
+    rule: Rule
+    ratio: Ratio | None = None
+    newton: bool = True
+    reads_losses: bool = True
+    slope_form: str | None = None
+    loss_free: str | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.ratio is not None
+
+
+RULES: Mapping[str, RuleSpec] = {
+    "retsinas": RuleSpec("retsinas", retsinas, _retsinas_ratio, True, False, "retsinas", "retsinas"),
+    # taylor with the curvature from the slopes, d0 - d1, is retsinas
+    "taylor": RuleSpec("taylor", taylor, _taylor_ratio, True, True, "retsinas", None),
+    "gen": RuleSpec("gen", gen, _gen_ratio, False, True, "gen-slopes", "gen-slopes"),
+    "gen-slopes": RuleSpec("gen-slopes", gen_slopes, _gen_slopes_ratio, False, False, "gen-slopes", "gen-slopes"),
 }
+"""The built-in rules by name: the one table every other view of them is read from."""
+
+STRATEGIES: Mapping[str, Rule] = {name: RULES[name].rule for name in ("retsinas", "taylor", "gen")}
+"""The strategies a user names, and their rules (``"auto"`` picks among them per step)."""
+
+_SPEC_OF = {spec.rule: spec for spec in RULES.values()}
 
 
 def scheduled_proposal(
@@ -302,142 +261,18 @@ def scheduled_proposal(
     keep their meaning: a non-convex measurement keeps ``adapted``, a non-finite one shrinks it,
     and the factor and rate clamps apply to ``adapted``.
     """
-    ratio_of, newton = _RATIOS[rule]
+    spec = _SPEC_OF[rule]
     measured = (f0, f1, d0, d1) if rule is not gen_slopes else (d0, d1)
     if _invalid_inputs(adapted, *measured) or not (math.isfinite(used) and used > 0.0):
         return shrunk_rate(adapted, options)
-    ratio = ratio_of(f0, f1, d0, d1, options.eps)
+    ratio = spec.ratio(f0, f1, d0, d1, options.eps)
     if ratio is None:
         return _keep(adapted, options)
-    target = used * (1.0 + ratio) if newton else used * ratio
-    weight = options.gamma if newton else 1.0 - options.smoothing
+    target = used * (1.0 + ratio) if spec.newton else used * ratio
+    weight = options.gamma if spec.newton else 1.0 - options.smoothing
     # the convex-combination form, not adapted + w (target - adapted): with w = 1 it returns
     # target exactly, where the other form cancels adapted against itself
     return _bound(adapted, (1.0 - weight) * adapted + weight * target, options)
-
-
-def grown_rate(alpha: float, options: RuleOptions, decision: Decision = Decision.VANISHED) -> Proposal:
-    """The rate after a step too small to measure anything: ``alpha * options.max_factor``, clamped.
-
-    Two cases, both told apart from a genuine "not convex" by ``Newt``, which records
-    ``decision``. ``"vanished"``: a step ``d = alpha * w`` can round to exactly zero in every
-    parameter while ``w`` is not zero (``alpha`` far below the parameters' relative precision);
-    then ``D0 = D1 = 0`` and the rules, which see a zero direction, would keep ``alpha`` forever.
-    ``"linear"``: the step went down a nearly straight line, its curvature below the resolution
-    of the measurements, and the rules would keep ``alpha`` for as long as that lasts.
-    """
-    if not (math.isfinite(alpha) and alpha > 0.0):
-        return Proposal(options.alpha_min, Decision.NONFINITE)
-    return Proposal(clamp_alpha(alpha * options.max_factor, options.alpha_min, options.alpha_max), decision)
-
-
-def sufficient_decrease(f0: float, f1: float, d0: float, armijo: float, resolution: float = 0.0) -> bool | None:
-    """Armijo's sufficient-decrease test of one step, on the batch it was measured on.
-
-    ``d0 = <grad L(theta), d>`` is the decrease the slope predicts for the step ``d``. The test
-    passes (True) when the loss fell by at least ``armijo`` times that, ``f0 - f1 >= armijo * d0``,
-    and fails (False) when it fell by less or rose. It does not apply (None) to a step that is not
-    a descent direction (``d0 <= 0``), to a value that is not finite, or when the decrease to
-    achieve, ``armijo * d0``, is below ``resolution``, the rounding error of the loss values (a
-    step too small to move the loss by more than rounding cannot be judged by it).
-
-    On a quadratic line with minimiser ``a*`` the share achieved is ``1 - alpha / (2 a*)``, so
-    the test passes exactly for ``alpha <= 2 (1 - armijo) a*``. It is scale-free: multiplying
-    the loss by ``c > 0`` multiplies ``f0 - f1`` and ``d0`` alike.
-    """
-    if not (all_finite(f0, f1, d0) and d0 > 0.0 and armijo * d0 >= resolution):
-        return None
-    return f0 - f1 >= armijo * d0
-
-
-def next_batch_verdict(
-    f0: float, f1: float, d0: float, armijo: float, threshold: float, resolution: float = 0.0
-) -> bool | None:
-    """The start-up test of a step judged on the next batch (closure-free mode, given the loss).
-
-    ``f0`` is the loss of the step's batch before the step, ``f1`` the next batch's loss after
-    it, ``d0`` the decrease the step's slope predicted. Two batches differ, so the Armijo
-    condition ``f1 <= f0 - armijo * d0`` is given the tolerance of a loss spike: the step fails
-    (False) when ``f1 > f0 + threshold * |f0| - armijo * max(d0, 0)``, a rise beyond the spike
-    threshold or a fall short of the prediction by more than that tolerance (a far-too-large
-    step predicts a decrease of many times the loss). It passes (True) when
-    :func:`sufficient_decrease` holds, and is undecided (None) in between or when ``f0``,
-    ``d0`` or ``f1`` is NaN or ``f0``, ``d0`` infinite (an infinite ``f1`` fails: the step blew
-    the loss up). Scale-free, as both tests it combines.
-    """
-    if not all_finite(f0, d0) or math.isnan(f1):
-        return None
-    allowed = f0 + threshold * abs(f0) - armijo * max(d0, 0.0)
-    if f1 > allowed:  # +inf fails; threshold inf allows anything finite
-        return False
-    return True if sufficient_decrease(f0, f1, d0, armijo, resolution) else None
-
-
-def blew_up(first: float, f: float, threshold: float) -> bool:
-    """Whether a batch's loss ``f`` rose above the run's first loss ``first`` by more than
-    ``threshold * |first|`` (closure-free mode given the loss, after the start).
-
-    Single batches late in training differ too much to judge a step by the previous one, but a
-    healthy run does not climb back above where it started: a run whose rate grew too large
-    does (around SGD with momentum from a start that passed the start-up test; ``gen``'s slow
-    decrease after an overshoot). An infinite ``f`` blew up; a NaN ``f`` or a non-finite
-    ``first`` says nothing (False). Scale-free; ``threshold`` may be ``math.inf`` (off).
-    """
-    if not math.isfinite(first) or math.isnan(f) or math.isinf(threshold):
-        return False
-    return f > first + threshold * abs(first)
-
-
-def rose_sharply(recent: Sequence[float], f: float, threshold: float) -> bool:
-    """Whether a batch's loss ``f`` rose above the largest of the recent batch losses ``recent``
-    by more than ``threshold`` times its size (lazy mode, on a plain step).
-
-    Lazy mode's plain steps run unmeasured at the rate the last lookahead step tested; an
-    instability that builds up over a few of them (in the benchmarks: Adam late in training, at
-    a rate that has grown) shows as a batch loss well above every recent one, and
-    the optimizer then measures that step as a lookahead step, which can undo it. Batch losses
-    scatter, so the comparison is with the largest recent loss and the threshold is wide.
-    Non-finite entries of ``recent`` are skipped; without a finite one, or for a NaN ``f``,
-    nothing is judged (False); an infinite ``f`` rose. Scale-free; ``threshold`` may be
-    ``math.inf`` (off).
-    """
-    finite = [x for x in recent if math.isfinite(x)]
-    return bool(finite) and blew_up(max(finite), f, threshold)
-
-
-def spike_guard(alpha: float, f0: float, f1: float, threshold: float, options: RuleOptions) -> Proposal | None:
-    """The loss-spike policy that ``Newt`` applies before any rule.
-
-    A step whose lookahead loss rose by more than ``threshold * |f0|`` above the loss it
-    started from (``threshold=1``: the loss more than doubled on the same batch) overshot the
-    line far beyond its minimum. The Newton rules read such a step as "not convex" and would
-    keep the rate; instead it shrinks by ``options.shrink`` (decision ``"spike"``). Returns
-    None when there is no spike (or when a value is not finite: that is the rules' case).
-
-    The test is scale-free: multiplying the loss by ``c > 0`` never changes it. ``threshold``
-    may be ``math.inf``, which turns the policy off.
-    """
-    if not (all_finite(f0, f1) and f1 - f0 > threshold * abs(f0)):
-        return None
-    return shrunk_rate(alpha, options, Decision.SPIKE)
-
-
-def held_on_ascent(alpha: float, d0: float, proposal: Proposal) -> Proposal:
-    """The rate after a step whose direction went uphill on its own batch: not lowered.
-
-    ``d0 = <grad L(theta), d> < 0`` means the inner optimizer's direction (its momentum, its
-    preconditioner) rose along the batch it was measured on. The line's minimum then lies at a
-    negative rate, every rule's target is below zero, and every rule lowers the rate (the Newton
-    rules by the whole ``max_factor``, ``gen`` by its smoothing's share). That verdict is about
-    the direction, not the step's size: once mini-batch noise dominates, or after a rejected
-    spike left its gradient in Adam's moments, such steps come in runs, and each halved the rate
-    (digits: from 0.2 to 2e-6 in a dozen steps, where it stayed). Returns
-    ``Proposal(alpha, "ascent")`` when ``d0 < 0`` and ``proposal`` would lower ``alpha``;
-    otherwise ``proposal`` unchanged. Only the sign of ``d0`` counts, so the test is scale-free.
-    """
-    if d0 < 0.0 and proposal.alpha < alpha:
-        return Proposal(alpha, Decision.ASCENT)
-    return proposal
 
 
 def guard_custom_rule(rule: Callable[..., object]) -> Rule:

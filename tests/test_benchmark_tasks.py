@@ -209,7 +209,7 @@ def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
     spike = robustness.select_methods(["newt-sgd-taylor-st*"])
     assert spike == ["newt-sgd-taylor-st0.1", "newt-sgd-taylor-st0.5", "newt-sgd-taylor-st1"]
     stepper = METHODS["newt-sgd-taylor-st0.5"].build(torch.nn.Linear(1, 1), 0.1, None)
-    assert stepper.optimizer.spike_threshold == 0.5 and stepper.optimizer.noise_correction == 0.5
+    assert stepper.optimizer.policies.spike_threshold == 0.5 and stepper.optimizer.policies.noise_correction == 0.5
     smoothing = robustness.select_methods(["newt-adam-*-sm*"])
     assert smoothing == ["newt-adam-gen-sm0.8", "newt-adam-gen-sm0.95"]  # gen's option only
     stepper = METHODS["newt-adam-gen-sm0.8"].build(torch.nn.Linear(1, 1), 0.1, None)

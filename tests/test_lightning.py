@@ -163,9 +163,8 @@ class StepRecorder(Callback):
         newt = trainer.optimizers[0]  # the Newt itself; pl_module.optimizers() is Lightning's wrapper
         self.infos.append(newt.step_info)
         self.output_losses.append(float(outputs["loss"]) if outputs else math.nan)
-        rate = newt._rates.groups[0]
-        self.multipliers.append(rate.multiplier)
-        self.adapted.append(rate.adapted)
+        self.multipliers.append(newt.schedule_factors[0])
+        self.adapted.append(newt.adapted_rates[0])
 
 
 class StateAtTrainStart(Callback):

@@ -529,7 +529,7 @@ def test_closure_free_after_the_start_a_loss_above_the_first_one_undoes_the_step
     a, b, x, opt = _proven_start()
     _step_with_loss(opt, a, b, x, loss=14.9)  # up to 1.5 times the first loss (10): not judged
     assert not opt.step_info.rejected
-    before_last = opt._snapshot[0].clone()  # theta_t, where the last step started
+    before_last = opt.snapshot[0].clone()  # theta_t, where the last step started
     rate = opt.param_groups[0]["lr"]
     _step_with_loss(opt, a, b, x, loss=15.5)  # above 10 + 0.5 * 10: the run blew up
     info = opt.step_info
@@ -871,13 +871,12 @@ def test_with_a_scheduler_the_rate_used_is_always_the_schedule_factor_times_the_
     # LinearLR's factors, then the cosine's from its own step 0 at the milestone
     factors = [0.25 + 0.75 * t / 4 for t in range(4)] + [(1 + math.cos(math.pi * t / 8)) / 2 for t in range(9)]
     for t, factor in enumerate(factors[:12]):
-        adapted_before = opt._rates.groups[0].adapted
+        adapted_before = opt.adapted_rates[0]
         opt.step(_random_regression_closure(opt, model))
-        rate = opt._rates.groups[0]
-        assert rate.multiplier == pytest.approx(factor, rel=1e-9), t
+        assert opt.schedule_factors[0] == pytest.approx(factor, rel=1e-9), t
         # the step used the factor times the rate adapted so far, and so will the next one
         assert opt.step_info.alpha == pytest.approx(factor * adapted_before, rel=1e-12), t
-        assert opt.param_groups[0]["lr"] == pytest.approx(factor * rate.adapted, rel=1e-12), t
+        assert opt.param_groups[0]["lr"] == pytest.approx(factor * opt.adapted_rates[0], rel=1e-12), t
         scheduler.step()
 
 
@@ -931,12 +930,12 @@ def test_factor_lr_multiplies_newts_adapted_rate_where_lambda_lr_overwrites_it(s
     )
     used, expected = [], []
     for t in range(14):
-        adapted_before = opt._rates.groups[0].adapted
+        adapted_before = opt.adapted_rates[0]
         opt.step(_random_regression_closure(opt, model))
         used.append(opt.step_info.alpha)
         expected.append(_warm_up_decay_restart(t) * adapted_before)
         if scheduler_class == "FactorLR":
-            assert opt._rates.groups[0].multiplier == pytest.approx(_warm_up_decay_restart(t), rel=1e-9), t
+            assert opt.schedule_factors[0] == pytest.approx(_warm_up_decay_restart(t), rel=1e-9), t
         scheduler.step()
     if scheduler_class == "FactorLR":
         assert used == pytest.approx(expected, rel=1e-9, abs=0.0)

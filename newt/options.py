@@ -1,0 +1,259 @@
+"""Every option of :class:`newt.Newt`: one range table, and the two objects that group them.
+
+A user normally sets nothing but ``strategy`` (and perhaps ``update_every``). The rest falls in
+two groups, each a frozen, validated dataclass:
+
+- :class:`RuleOptions`: the update rules' hyperparameters (damping, smoothing, the rate's bounds
+  and per-step factor, the division guard, the shrink factor after a fault);
+- :class:`Policies`: the checks around the rule (the loss-spike test, the start-up test, the
+  blow-up and rise checks, the hold on uphill steps, the noise correction, the rejection of
+  non-finite steps); :meth:`Policies.off` turns every one of them off.
+
+``Newt`` also takes every field of both by its own name (``Newt(inner, spike_threshold=0.5)``).
+Whatever the way in, each value is checked against :data:`OPTIONS`, the one table that says
+which values each option accepts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, NamedTuple
+
+from newt._numerics import check_real
+
+__all__ = ["DEFAULT_OPTIONS", "DEFAULT_POLICIES", "OPTIONS", "OptionSpec", "Policies", "RuleOptions", "check_option"]
+
+
+class OptionSpec(NamedTuple):
+    """Which values one option accepts.
+
+    ``kind`` is ``"real"`` (a number in the interval ``low``..``high``, each end open or
+    closed), ``"flag"`` (True or False) or ``"count"`` (an integer >= ``low``); ``hint`` ends
+    the error message with what the option means and a typical value.
+    """
+
+    kind: str
+    hint: str
+    low: float = 0.0
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+
+def _real(low: float, high: float, low_open: bool, high_open: bool, hint: str) -> OptionSpec:
+    return OptionSpec("real", hint, low, high, low_open, high_open)
+
+
+def _threshold(meaning: str) -> OptionSpec:
+    """A relative loss rise that triggers a check: in (0, inf], where ``math.inf`` turns it off."""
+    return _real(0, math.inf, True, False, f"{meaning} (math.inf: off).")
+
+
+OPTIONS: Mapping[str, OptionSpec] = {
+    # RuleOptions
+    "gamma": _real(0, 1, True, False, "gamma is the Newton damping: use 1 for full steps, e.g. 0.5 to damp."),
+    "smoothing": _real(0, 1, False, True, "smoothing is GeN's moving-average coefficient: 0 for none, e.g. 0.9."),
+    "alpha_min": _real(0, math.inf, True, True, "alpha_min is the smallest learning rate allowed, e.g. 1e-10."),
+    "alpha_max": _real(0, math.inf, True, True, "alpha_max is the largest learning rate allowed, e.g. 1e4."),
+    "max_factor": _real(1, math.inf, True, True, "max_factor bounds each update's change, e.g. 2."),
+    "eps": _real(0, 1, False, True, "eps is a relative tolerance, e.g. 1e-8."),
+    "shrink": _real(0, 1, True, True, "shrink multiplies the rate after a NaN/inf or a loss spike, e.g. 0.1."),
+    # Policies
+    "spike_threshold": _threshold("spike_threshold is the relative loss rise that counts as a spike, e.g. 0.2"),
+    "reject_spikes": OptionSpec("flag", "reject_spikes undoes a loss-spike step."),
+    "blow_up_threshold": _threshold(
+        "blow_up_threshold is the rise above the first loss counted as a blow-up, e.g. 0.5"
+    ),
+    "rise_threshold": _threshold(
+        "rise_threshold is the rise above the largest recent loss that makes a plain step a lookahead step, e.g. 3"
+    ),
+    "start_armijo": _real(
+        0,
+        1,
+        False,
+        True,
+        "start_armijo is the share of the predicted decrease a first step must achieve, e.g. 0.1 (0: off).",
+    ),
+    "hold_on_ascent": OptionSpec("flag", "hold_on_ascent keeps the rate after an uphill step."),
+    "noise_correction": _real(
+        0,
+        1,
+        False,
+        False,
+        "noise_correction caps the share of the slopes removed as mini-batch noise: 0 is off, e.g. 0.5.",
+    ),
+    "reject_nonfinite": OptionSpec(
+        "flag", "reject_nonfinite undoes a step whose loss or gradients are NaN or infinite."
+    ),
+    # the structure of the step
+    "update_every": OptionSpec(
+        "count", "1 adapts the rate every step, e.g. 4 adapts it every fourth step.", low=1, high=math.inf
+    ),
+    "per_group": OptionSpec("flag", "per_group adapts each param group's rate on its own."),
+    "foreach": OptionSpec("flag", "foreach picks the multi-tensor kernels."),
+}
+"""Option name -> the values it accepts. Every option of ``Newt`` is checked against this table."""
+
+
+def check_option(name: str, value: object) -> Any:
+    """``value`` checked against ``OPTIONS[name]``: a float, a bool or an int; else a clear error.
+
+    Raises:
+        TypeError: The value has the wrong type (a bool where a number is wanted counts as one).
+        ValueError: The value is out of the option's range.
+    """
+    spec = OPTIONS[name]
+    if spec.kind == "flag":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.")
+        return value
+    if spec.kind == "count":
+        wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        if wrong_type or value < spec.low:
+            raise (TypeError if wrong_type else ValueError)(
+                f"{name} must be an integer >= {spec.low:g}, got {value!r}: {spec.hint}"
+            )
+        return int(value)
+    return check_real(
+        name, value, low=spec.low, high=spec.high, low_open=spec.low_open, high_open=spec.high_open, hint=spec.hint
+    )
+
+
+def _check_fields(instance: object) -> None:
+    """Validate and normalise every field of a frozen options dataclass in place."""
+    for field in fields(instance):  # type: ignore[arg-type]
+        object.__setattr__(instance, field.name, check_option(field.name, getattr(instance, field.name)))
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Hyperparameters shared by the rules, validated on construction.
+
+    Attributes:
+        gamma: Newton damping of ``retsinas`` and ``taylor``, in (0, 1]. ``1`` takes the full
+            Newton step; smaller values move only part of the way, which tames mini-batch noise.
+        smoothing: Moving-average coefficient beta of ``gen``, in [0, 1): ``alpha_next =
+            beta * alpha + (1 - beta) * parabola_minimiser``. ``0`` jumps to the minimiser.
+        alpha_min: Smallest rate ever returned, > 0.
+        alpha_max: Largest rate ever returned, > ``alpha_min``.
+        max_factor: Each update's multiplicative change is clamped to
+            ``[1 / max_factor, max_factor]``; > 1. The default 2 takes 14 updates from 1e-5 to
+            1e-1; a larger cap lets one noisy mini-batch measurement throw the rate far off.
+        eps: Relative guard of every division: a curvature denominator counts as positive only
+            when it exceeds ``eps * (|d0| + |d1|)``; >= 0. The comparison is scale-free, so
+            multiplying the loss by a constant never changes a decision.
+        shrink: Factor, in (0, 1), applied to the rate when a measured number is NaN or
+            infinite (usually the lookahead stepped into an overflow: the rate was too big),
+            after a loss spike, and after a start that failed the start-up test.
+    """
+
+    gamma: float = 0.5
+    smoothing: float = 0.9
+    alpha_min: float = 1e-10
+    alpha_max: float = 1e4
+    max_factor: float = 2.0
+    eps: float = 1e-8
+    shrink: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if not self.alpha_min < self.alpha_max:
+            raise ValueError(
+                f"alpha_min must be smaller than alpha_max, got alpha_min={self.alpha_min!r} "
+                f"and alpha_max={self.alpha_max!r}. Swap them or widen the interval."
+            )
+
+
+@dataclass(frozen=True)
+class Policies:
+    """The checks ``Newt`` runs around the rule, each a threshold or a switch.
+
+    Each mode runs the policies that apply to it (``newt.modes.MODES`` is the table); the
+    mathematics of each is in ``docs/math.md``.
+
+    Attributes:
+        spike_threshold: A step whose lookahead loss exceeds the starting loss by more than
+            this share of ``|f0|`` is a loss spike: the rate shrinks by ``shrink``. In (0, inf].
+        reject_spikes: Undo a loss-spike step (the parameters go back to ``theta_t``).
+        start_armijo: Until one step's loss falls by at least this share of the decrease its
+            slope predicts (Armijo's condition), a step that falls short is undone and the rate
+            shrinks. In [0, 1); 0 turns the start-up test off.
+        blow_up_threshold: Closure-free mode given the loss, after the start: a batch loss above
+            the first loss by more than this share of it undoes the step. In (0, inf].
+        rise_threshold: Lazy mode: a plain step whose loss exceeds the largest of the last 8
+            closure steps' losses by more than this many times it is measured like a lookahead
+            step. In (0, inf].
+        hold_on_ascent: Lookahead mode: keep the rate after a step whose direction rose on its
+            own batch (``d0 < 0``), where the rules would lower it.
+        noise_correction: The largest share of the lookahead's same-batch slopes removed as
+            mini-batch noise, measured with the next batch's gradient. In [0, 1]; 0 is off.
+        reject_nonfinite: Undo a step whose loss or gradients are NaN or infinite, so that no
+            such number reaches the parameters (one host synchronisation before the inner step).
+    """
+
+    spike_threshold: float = 0.2
+    reject_spikes: bool = True
+    start_armijo: float = 0.1
+    blow_up_threshold: float = 0.5
+    rise_threshold: float = 3.0
+    hold_on_ascent: bool = True
+    noise_correction: float = 0.5
+    reject_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @classmethod
+    def off(cls) -> Policies:
+        """Every policy off: ``Newt`` measures, adapts the rate with the rule, and does nothing else.
+
+        With the rate also frozen, ``Newt(inner, policies=Policies.off())`` trains bit for bit
+        like ``inner`` alone.
+        """
+        return cls(
+            spike_threshold=math.inf,
+            reject_spikes=False,
+            start_armijo=0.0,
+            blow_up_threshold=math.inf,
+            rise_threshold=math.inf,
+            hold_on_ascent=False,
+            noise_correction=0.0,
+            reject_nonfinite=False,
+        )
+
+
+DEFAULT_OPTIONS = RuleOptions()
+DEFAULT_POLICIES = Policies()
+
+_RULE_FIELDS = frozenset(f.name for f in fields(RuleOptions))
+_POLICY_FIELDS = frozenset(f.name for f in fields(Policies))
+
+
+def merged(
+    rule_options: RuleOptions | None, policies: Policies | None, overrides: Mapping[str, object]
+) -> tuple[RuleOptions, Policies]:
+    """The two option objects with ``overrides`` (options given by name to ``Newt``) applied.
+
+    Raises:
+        TypeError: An override names no option, or one object has the wrong type.
+    """
+    if rule_options is not None and not isinstance(rule_options, RuleOptions):
+        raise TypeError(f"rule_options must be a newt.RuleOptions, got {type(rule_options).__name__}.")
+    if policies is not None and not isinstance(policies, Policies):
+        raise TypeError(f"policies must be a newt.Policies, got {type(policies).__name__}, e.g. Policies.off().")
+    unknown = sorted(set(overrides) - _RULE_FIELDS - _POLICY_FIELDS)
+    if unknown:
+        names = ", ".join(sorted(_RULE_FIELDS | _POLICY_FIELDS))
+        raise TypeError(f"Newt() got an unexpected keyword argument {unknown[0]!r}; the options by name are: {names}.")
+    rule_options = rule_options or DEFAULT_OPTIONS
+    policies = policies or DEFAULT_POLICIES
+    rule_overrides = {k: v for k, v in overrides.items() if k in _RULE_FIELDS}
+    policy_overrides = {k: v for k, v in overrides.items() if k in _POLICY_FIELDS}
+    if rule_overrides:
+        rule_options = replace(rule_options, **rule_overrides)
+    if policy_overrides:
+        policies = replace(policies, **policy_overrides)
+    return rule_options, policies

@@ -1,0 +1,186 @@
+"""The decision of a step: guards, then the rule per rate unit, then the adjusters. Pure.
+
+:func:`decide` reads the reduced measurements and the rates and writes nothing: the mode that
+called it commits what it returns. The order is ``docs/math.md``'s: the guards concern the
+whole step (non-finite numbers, a loss spike, the start-up test) and may end it; then each
+unit's rule sees the measurements without their estimated noise share; then the adjusters
+correct what the rules cannot see (a step that vanished in floating point, a nearly linear
+descent, an uphill direction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from newt._noise import debiased
+from newt._numerics import Decision, Proposal, all_finite, clamp_alpha
+from newt._rates import GroupRate
+from newt.options import RuleOptions
+from newt.policies import (
+    AscentHold,
+    NonfiniteCheck,
+    SpikeTest,
+    grown_rate,
+    loss_resolution,
+    nearly_linear,
+    sufficient_decrease,
+)
+from newt.rules import RULES, RuleSpec, scheduled_proposal, shrunk_rate
+
+__all__ = ["Checks", "Measured", "Verdict", "decide", "shrunk"]
+
+
+class Measured(NamedTuple):
+    """A step's reduced measurements: the losses (None where not measured) and, per unit, the slopes."""
+
+    f0: float | None
+    f1: float | None
+    d0s: list[float]
+    d1s: list[float]
+
+
+class Verdict(NamedTuple):
+    """What :func:`decide` returns.
+
+    Attributes:
+        proposals: The next adapted rate of each unit, with its reason.
+        rejected: Whether to undo the step.
+        proven: Whether the step passed the start-up test.
+    """
+
+    proposals: list[Proposal]
+    rejected: bool
+    proven: bool = False
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The policies :func:`decide` applies, and the options of the rules."""
+
+    options: RuleOptions
+    nonfinite: NonfiniteCheck
+    spike: SpikeTest
+    ascent: AscentHold
+    armijo: float
+    scaled: bool  # a GradScaler scales the lookahead's gradients: an overflow there loses only the measurement
+
+
+def shrunk(rates: Sequence[GroupRate], options: RuleOptions, decision: Decision) -> list[Proposal]:
+    """Every unit's adapted rate cut by ``shrink``, with ``decision`` as the reason."""
+    return [shrunk_rate(rate.adapted, options, decision) for rate in rates]
+
+
+def decide(
+    measured: Measured,
+    rates: Sequence[GroupRate],
+    noise: Sequence[float],
+    rule: RuleSpec,
+    checks: Checks,
+    *,
+    probation: bool,
+    loss_eps: float = 0.0,
+    hold_ascents: bool = False,
+    gradient_nonzero: Callable[[int], bool],
+) -> Verdict:
+    """The next adapted rate of each unit, and whether to undo the step.
+
+    Args:
+        measured: The reduced measurements; ``f0``/``f1`` are None in closure-free mode.
+        rates: Each unit's rate (the adapted one, and the one the step used).
+        noise: Each unit's estimated noise share of ``d0`` (zeros without the correction).
+        rule: The rule to apply.
+        checks: The policies and the rules' options.
+        probation: The initial rate has not passed the start-up test yet.
+        loss_eps: The relative rounding unit of the loss values.
+        hold_ascents: Keep the rate after an uphill step (lookahead mode, built-in rules).
+        gradient_nonzero: ``unit -> bool``, asked only when a unit's step vanished exactly:
+            whether its gradient is nonzero (a query; it changes nothing).
+    """
+    f0, f1, d0s, d1s = measured
+    options = checks.options
+    losses_finite = f0 is None or all_finite(f0, f1)
+    if not (all_finite(*d0s, *d1s) and losses_finite):
+        if checks.scaled and all_finite(*d0s) and losses_finite:
+            # Only the lookahead's scaled gradients overflowed: the step itself is sound (its
+            # loss is finite), the measurement is lost. Keep the step and the rate.
+            return Verdict([Proposal(rate.adapted, Decision.NONFINITE) for rate in rates], False)
+        return Verdict(shrunk(rates, options, Decision.NONFINITE), checks.nonfinite.reject)
+    if f0 is not None and checks.spike.fires(f0, f1):
+        return Verdict(shrunk(rates, options, Decision.SPIKE), checks.spike.reject)
+    resolution = 0.0 if f0 is None else loss_resolution(loss_eps, f0, f1)
+    proven = False
+    if f0 is not None and probation:
+        # the raw d0, not the noise-corrected one: the test asks what this batch's line did
+        verdict = sufficient_decrease(f0, f1, math.fsum(d0s), checks.armijo, resolution)
+        if verdict is False:
+            return Verdict(shrunk(rates, options, Decision.INSUFFICIENT), True)
+        proven = verdict is True
+    proposals = []
+    for unit, (rate, d0, d1, share) in enumerate(zip(rates, d0s, d1s, noise)):
+        if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
+            proposals.append(Proposal(rate.adapted, Decision.PLAIN))
+            continue
+        proposal, adjust = _rule_proposal(rule, rate, measured, d0, d1, share, resolution, options)
+        if proposal.decision is Decision.NONCONVEX:
+            nonzero = lambda u=unit: gradient_nonzero(u)  # noqa: E731
+            proposal = _too_short(proposal, rate, rule, d0, d1, f0, adjust, nonzero, options)
+        if hold_ascents:
+            proposal = checks.ascent.applied(rate.adapted, d0, proposal)
+        proposals.append(proposal)
+    return Verdict(proposals, False, proven)
+
+
+def _rule_proposal(
+    rule: RuleSpec,
+    rate: GroupRate,
+    measured: Measured,
+    d0: float,
+    d1: float,
+    share: float,
+    resolution: float,
+    options: RuleOptions,
+) -> tuple[Proposal, tuple[float, float, float | None]]:
+    """The rule's proposal for one unit, and the slopes and lookahead loss the adjusters judge."""
+    f0, f1 = measured.f0, measured.f1
+    f0_, f1_ = (0.0, 0.0) if f0 is None else (f0, f1)  # loss-free rules never read them
+    f1_unit, d0_unit, d1_unit = debiased(f1_, d0, d1, share) if share else (f1_, d0, d1)
+    unit_rule, f1_seen = rule, f1
+    if rule.builtin and abs(d0) <= resolution:
+        # The step's predicted change is below the loss values' rounding, so f1 - f0 is
+        # rounding alone: gen read f1 == f0 as a parabola with its minimum at alpha / 2 and
+        # halved a tiny start forever. The slopes still measure the line.
+        unit_rule, f1_seen = RULES[rule.slope_form], f0
+    if rate.multiplier == 1.0:
+        proposal = unit_rule.rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
+    elif unit_rule.builtin:
+        proposal = scheduled_proposal(unit_rule.rule, rate.adapted, rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
+    else:  # a custom rule adapts the rate it saw used; the multiplier is taken back out
+        proposal = unit_rule.rule(rate.used, f0_, f1_unit, d0_unit, d1_unit, options)
+        alpha = clamp_alpha(proposal.alpha / rate.multiplier, options.alpha_min, options.alpha_max)
+        proposal = Proposal(alpha, proposal.decision)
+    return proposal, (d0_unit, d1_unit, f1_seen)
+
+
+def _too_short(
+    proposal: Proposal,
+    rate: GroupRate,
+    rule: RuleSpec,
+    d0: float,
+    d1: float,
+    f0: float | None,
+    seen: tuple[float, float, float | None],
+    gradient_nonzero: Callable[[], bool],
+    options: RuleOptions,
+) -> Proposal:
+    """A "nonconvex" proposal from a step too short to measure any curvature grows the rate."""
+    if d0 == 0.0 and d1 == 0.0 and gradient_nonzero():
+        # d = 0 exactly: theta did not move, and these are the gradients of theta_t
+        return grown_rate(rate.adapted, options)
+    d0_unit, d1_unit, f1_seen = seen
+    # a custom rule's "nonconvex" is its own choice
+    if rule.builtin and nearly_linear(d0_unit, d1_unit, f0, f1_seen):
+        return grown_rate(rate.adapted, options, Decision.LINEAR)
+    return proposal

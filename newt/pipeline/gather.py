@@ -1,0 +1,117 @@
+"""The first stage of a step: the loss and the parameters that take part, gathered once."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from newt._rates import Rates
+from newt.distributed import local_tensor
+
+__all__ = ["Gathered", "checked_loss", "first_call", "gather", "loss_eps", "loss_tensor"]
+
+
+@dataclass
+class Gathered:
+    """The parameters a step moves and the rate units it adapts.
+
+    Attributes:
+        active: The parameters that have a gradient, in param-group order.
+        local: Their rank-local shards (the parameters themselves without DTensors).
+        units: Positions in ``active`` per rate unit: one unit holding every parameter, or one
+            per param group with ``per_group=True``.
+        unit_groups: The group each unit adapts (with one global rate: the reference group,
+            the one with the largest rate).
+    """
+
+    active: list[torch.Tensor]
+    local: list[torch.Tensor]
+    units: list[list[int]]
+    unit_groups: list[int]
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """The active parameters' gradients now (rank-local shards)."""
+        return [local_tensor(p.grad) for p in self.active]
+
+    def split(self, items: Sequence[Any]) -> list[list[Any]]:
+        """``items`` (one per active parameter) grouped by rate unit."""
+        return [[items[i] for i in unit] for unit in self.units]
+
+
+def gather(param_groups: Sequence[dict[str, Any]], rates: Rates, per_group: bool, missing: str) -> Gathered:
+    """The active parameters and the rate units; ``missing`` is the error when nothing has a gradient.
+
+    Raises:
+        RuntimeError: No parameter has a gradient, a gradient is sparse, or (``per_group``) no
+            group with gradients has a nonzero rate.
+    """
+    active = [p for group in param_groups for p in group["params"] if p.grad is not None]
+    if not active:
+        raise RuntimeError(missing)
+    if any(p.grad.is_sparse for p in active):
+        raise RuntimeError(
+            "Newt does not support sparse gradients (e.g. nn.Embedding(sparse=True)): use dense "
+            "gradients (sparse=False)."
+        )
+    local = [local_tensor(p) for p in active]
+    groups = rates.groups
+    if not per_group:
+        reference = max(range(len(groups)), key=lambda g: groups[g].used)
+        return Gathered(active, local, [list(range(len(active)))], [reference])
+    group_of = {id(p): g for g, group in enumerate(param_groups) for p in group["params"]}
+    units: dict[int, list[int]] = {}
+    for position, p in enumerate(active):
+        g = group_of[id(p)]
+        if groups[g].used > 0.0:
+            units.setdefault(g, []).append(position)
+    if not units:
+        raise RuntimeError("no param group with gradients has a nonzero learning rate: nothing to adapt.")
+    order = sorted(units)
+    return Gathered(active, local, [units[g] for g in order], order)
+
+
+def first_call(closure: Callable[[], Any]) -> tuple[Any, torch.Tensor]:
+    """Call the closure at ``theta_t``: its return value and the loss as a float64 tensor."""
+    loss = closure()
+    return loss, loss_tensor(loss, "first")
+
+
+def loss_eps(loss: object) -> float:
+    """The relative rounding unit of a closure's loss: its dtype's, float32's for a Python number
+    (most often the ``.item()`` of a float32 loss)."""
+    if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+        return torch.finfo(loss.dtype).eps
+    return torch.finfo(torch.float32).eps
+
+
+def loss_tensor(loss: object, which: str) -> torch.Tensor:
+    """The closure's loss as a detached float64 scalar tensor (no host sync).
+
+    ``which`` names the closure call ("first", "second (lookahead)"), or is ``"loss="`` for the
+    value given to a closure-free ``step``.
+    """
+    loss = checked_loss(loss, which)
+    if isinstance(loss, torch.Tensor):
+        return loss.detach().reshape(()).to(torch.float64)
+    return torch.tensor(float(loss), dtype=torch.float64)
+
+
+def checked_loss(loss: object, which: str) -> torch.Tensor | numbers.Real:
+    """``loss`` itself if it is a scalar tensor or a real number; otherwise a ``TypeError``."""
+    given = {"loss=": "step(loss=...)", "give_loss()": "give_loss()"}.get(which)
+    source = f"{given} got" if given else f"the {which} closure call returned"
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise TypeError(
+                f"{source} a tensor of shape {tuple(loss.shape)}; it must "
+                "be the scalar loss (reduce it, e.g. with .mean())."
+            )
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return loss
+    hint = "pass the batch's loss tensor" if given else "did you forget 'return loss'?"
+    raise TypeError(f"{source} {type(loss).__name__}; it must be the loss as a scalar tensor or a number ({hint}).")

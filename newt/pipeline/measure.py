@@ -1,0 +1,88 @@
+"""The tensor work of a step: the snapshot buffer, the dot products along the step, the one
+reduction across ranks, and the checks that need the device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from newt import _kernels
+from newt.distributed import agree_all, agree_any, reduce_measurements, sharded
+
+__all__ = ["Measurer"]
+
+
+class Measurer:
+    """Holds the one parameter-sized buffer (a snapshot of ``theta_t``) and measures along the step.
+
+    Args:
+        foreach: Use the multi-tensor kernels (see :mod:`newt._kernels`).
+        process_group: The ranks that must agree (None: the world, when initialised).
+    """
+
+    def __init__(self, foreach: bool, process_group: torch.distributed.ProcessGroup | None) -> None:
+        self.foreach = foreach
+        self.process_group = process_group
+        self.sharded = False  # DTensor shards (FSDP2): the dot products are partial sums
+        self.buffer: list[torch.Tensor] | None = None
+
+    def watch(self, params: Sequence[torch.Tensor]) -> None:
+        """Take note of the parameters (at construction and when a param group is added)."""
+        self.sharded = sharded(params)
+
+    # ------------------------------------------------------------------ the snapshot buffer
+
+    def snapshot(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy ``local`` into the reused buffer (reallocated only if the parameters change)."""
+        if not _kernels.snapshot_fits(self.buffer, local):
+            self.buffer = None  # free the old buffer before allocating the new one
+            self.buffer = _kernels.new_snapshot(local)
+        _kernels.copy_(self.buffer, local, foreach=self.foreach)
+        return self.buffer
+
+    def restore(self, local: list[torch.Tensor]) -> None:
+        """Put the parameters back at the snapshot, bit for bit."""
+        _kernels.copy_(local, self.buffer, foreach=self.foreach)
+
+    def holds(self, local: list[torch.Tensor]) -> bool:
+        """Whether the buffer has the shapes of ``local`` (what it holds is the caller's business)."""
+        return _kernels.snapshot_fits(self.buffer, local)
+
+    def load(self, local: list[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+        """Fill the buffer from a checkpoint, on the devices and in the dtypes of ``local``."""
+        self.buffer = [
+            tensor.to(device=shard.device, dtype=shard.dtype, copy=True) for shard, tensor in zip(local, saved)
+        ]
+
+    # ------------------------------------------------------------------ measurements
+
+    def dots(self, grads: list[torch.Tensor | None], local: list[torch.Tensor], units: list[list[int]]) -> torch.Tensor:
+        """``<grad, snapshot - param>`` per unit, as a float64 vector on the device (no sync)."""
+        if len(units) == 1:
+            return _kernels.step_dot(grads, self.buffer, local, foreach=self.foreach).reshape(1)
+        dots = [
+            _kernels.step_dot(
+                [grads[i] for i in unit], [self.buffer[i] for i in unit], [local[i] for i in unit], foreach=self.foreach
+            )
+            for unit in units
+        ]
+        return torch.stack([dot.to(dots[0].device) for dot in dots])
+
+    def reduce(self, values: torch.Tensor, n_losses: int) -> list[float]:
+        """The step's scalars agreed across ranks (losses averaged), read on the host: the one sync."""
+        return reduce_measurements(values, n_losses, is_sharded=self.sharded, group=self.process_group).tolist()
+
+    def finite(self, f0: torch.Tensor | None, grads: list[torch.Tensor | None]) -> bool:
+        """Whether the loss (if given) and every gradient are finite, on every rank (one host sync)."""
+        finite = _kernels.all_finite(grads, foreach=self.foreach)
+        if f0 is not None:
+            finite = finite & f0.to(finite.device).isfinite()
+        # every rank must take the same branch (one rank's NaN stops the step everywhere)
+        return bool(agree_all(finite, self.process_group))
+
+    def nonzero(self, grads: list[torch.Tensor | None]) -> bool:
+        """Whether some gradient entry is not zero, on some rank (the rare check of a vanished step)."""
+        present = [g for g in grads if g is not None]
+        nonzero = _kernels.any_nonzero(present, foreach=self.foreach)
+        return agree_any(nonzero, present[0].device if present else torch.device("cpu"), self.process_group)

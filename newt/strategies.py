@@ -1,0 +1,67 @@
+"""Which rule a strategy applies, by what a step measures.
+
+A strategy is a name or a callable; a step measures both loss values (lookahead and lazy modes),
+or only the slopes (closure-free mode, per-group rates), or the slopes and the batch losses the
+loop gives (closure-free mode given the loss). :func:`resolve` turns a strategy into the rule
+for each case, once, at construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from newt.rules import RULES, STRATEGIES, RuleSpec, guard_custom_rule
+
+__all__ = ["AUTO", "Strategy", "resolve"]
+
+AUTO = "auto"
+"""The default strategy: ``gen`` with a closure (lookahead and lazy modes), and closure-free
+given the loss (``step(loss=...)`` or :meth:`newt.Newt.give_loss`) with the blow-up check on
+(there ``gen``'s slope form, :func:`newt.rules.gen_slopes`); ``retsinas`` closure-free without
+the loss, and with ``per_group=True`` and a closure (no per-group loss values). Why these:
+``docs/benchmarks.md`` compares the rules in each mode."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The rules one strategy applies.
+
+    Attributes:
+        name: The strategy's name (a custom rule's function name).
+        with_losses: The rule of a step that measures ``f0`` and ``f1``.
+        without_losses: The rule of a step that measures only the slopes; None when the
+            strategy needs the loss values.
+        given_loss: The rule of a closure-free step given its loss, with the blow-up check on.
+    """
+
+    name: str
+    with_losses: RuleSpec
+    without_losses: RuleSpec | None
+    given_loss: RuleSpec | None
+
+
+def resolve(strategy: str | Callable[..., Any]) -> Strategy:
+    """The rules of ``strategy``: ``"auto"``, a name of :data:`newt.rules.STRATEGIES`, or a callable.
+
+    Raises:
+        ValueError: An unknown name.
+        TypeError: Neither a name nor a callable.
+    """
+    names = ", ".join(map(repr, (AUTO, *STRATEGIES)))
+    if isinstance(strategy, str):
+        if strategy == AUTO:
+            return Strategy(AUTO, RULES["gen"], RULES["retsinas"], RULES["gen-slopes"])
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {strategy!r}; valid names are {names}, "
+                "or pass a callable rule(alpha, f0, f1, d0, d1, options)."
+            )
+        spec = RULES[strategy]
+        loss_free = None if spec.loss_free is None else RULES[spec.loss_free]
+        return Strategy(strategy, spec, loss_free, loss_free)
+    if callable(strategy):
+        name = getattr(strategy, "__name__", "custom")
+        return Strategy(name, RuleSpec(name, guard_custom_rule(strategy)), None, None)
+    raise TypeError(f"strategy must be one of {names} or a callable, got {strategy!r}.")
