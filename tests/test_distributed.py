@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -94,17 +95,42 @@ def _batches(rise: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
+class ReductionCounter:
+    """Counts the ``all_reduce`` calls ``newt.distributed`` makes, while installed (DDP and FSDP2
+    make their own collectives elsewhere: those are not counted)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> ReductionCounter:
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == "newt.distributed":
+                self.count += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.all_reduce = self._original
+
+
 def _train(
     model: nn.Module, config: Config, batches, shard: slice
-) -> tuple[list[float], list[torch.Tensor], int, list[int]]:
-    """Train; return the rate after each step, the final full parameters, the undone steps and
-    the closure calls of each step."""
+) -> tuple[list[float], list[torch.Tensor], int, list[int], list[tuple[int, bool, bool]]]:
+    """Train; return the rate after each step, the final full parameters, the undone steps, the
+    closure calls of each step, and each step's reductions, whether the start was proven and
+    whether a closure-free measurement was waiting."""
     lr = FAR_TOO_LARGE if config.mode == "closure-free-loss" else 1e-3
     opt = Newt(torch.optim.Adam(model.parameters(), lr=lr), **config.newt_options())
-    rates, calls = [], []
+    rates, calls, reductions = [], [], []
     for x, y in batches:
         xb, yb = x[shard], y[shard].double()
         calls.append(0)
+        before = opt.state_dict()["newt"]
+        proven_before, pending_before = before["start_proven"], before["pending"] is not None
+        counter = ReductionCounter().__enter__()
 
         def closure():
             calls[-1] += 1
@@ -120,9 +146,11 @@ def _train(
             opt.step(loss=closure())
         else:
             opt.step(closure)
+        counter.__exit__()
+        reductions.append((counter.count, proven_before, pending_before))
         rates.append(opt.param_groups[0]["lr"])
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    return rates, [t.detach().clone() for t in full], opt.state_dict()["newt"]["rejected"], calls
+    return rates, [t.detach().clone() for t in full], opt.state_dict()["newt"]["rejected"], calls, reductions
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -169,7 +197,9 @@ def distributed_results(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("config", PARAMS)
 def test_every_rank_applies_the_same_rate_and_holds_the_same_parameters(distributed_results, config):
-    (rates0, params0, undone0, calls0), (rates1, params1, undone1, calls1) = (r[config.id] for r in distributed_results)
+    (rates0, params0, undone0, calls0, _), (rates1, params1, undone1, calls1, _) = (
+        r[config.id] for r in distributed_results
+    )
     assert rates0 == rates1 and undone0 == undone1 and calls0 == calls1
     assert len(set(rates0)) > 1  # the rate did adapt
     assert (undone0 > 0) == (config.mode == "closure-free-loss")  # the start-up test acted there
@@ -181,12 +211,29 @@ def test_every_rank_applies_the_same_rate_and_holds_the_same_parameters(distribu
 
 @pytest.mark.parametrize("config", PARAMS)
 def test_distributed_training_matches_one_process_on_the_whole_batch(distributed_results, config):
-    rates, params, undone, calls = distributed_results[0][config.id]
+    rates, params, undone, calls, _ = distributed_results[0][config.id]
     batches = _batches(config.mode == "lazy-rise")
-    single_rates, single_params, single_undone, single_calls = _train(_model(), config, batches, slice(None))
+    single_rates, single_params, single_undone, single_calls, _ = _train(_model(), config, batches, slice(None))
     assert rates == pytest.approx(single_rates, rel=1e-9) and undone == single_undone and calls == single_calls
     for a, b in zip(params, single_params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", PARAMS)
+def test_a_step_makes_one_reduction_beyond_the_start_and_the_rise_check(distributed_results, config):
+    """One ``all_reduce`` carries every scalar of a step. The exceptions: a closure-free step
+    with no previous step to complete measures nothing (none); while the start is on probation,
+    a closure-free step given the loss reads the loss first (one more, and none after it when
+    the start-up test undoes the step); a plain step whose loss rose sharply reads its loss,
+    then is measured (two)."""
+    reductions = distributed_results[0][config.id][4]
+    for step, (count, proven, pending) in enumerate(reductions):
+        if config.mode == "closure-free-loss" and not proven:
+            assert 1 <= count <= 1 + pending, (step, count, pending)
+        elif config.mode.startswith("closure-free"):
+            assert count == int(pending), (step, count, pending)
+        else:
+            assert count == (2 if config.mode == "lazy-rise" and step == RISE_STEP else 1), (step, count)
 
 
 def test_dtensor_parameters_count_as_sharded_and_give_their_local_shard() -> None:
