@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,13 +12,11 @@ from newt._state import State
 from newt.distributed import local_tensor
 from newt.modes import ClosureFree, Lazy, Lookahead, Settings
 from newt.modes.lazy import DEFERRAL
-from newt.options import Policies, RuleOptions, check_option, merged
-from newt.pipeline.decide import Checks
+from newt.options import Policies, RuleOptions, check_group_lr, check_inner, check_option, merged
 from newt.pipeline.gather import checked_loss
 from newt.pipeline.measure import Measurer
-from newt.policies import AscentHold, BlowUpCheck, NonfiniteCheck, RiseCheck, SpikeTest, StartTest
 from newt.step_info import GroupStepInfo, StepInfo
-from newt.strategies import AUTO, resolve
+from newt.strategies import AUTO
 
 Closure = Callable[[], torch.Tensor | float]
 
@@ -79,9 +75,9 @@ class Newt(torch.optim.Optimizer):
         foreach: bool = True,
         **options: Any,
     ) -> None:
-        _check_inner(inner)
+        check_inner(inner)
         rule_options, policies = merged(rule_options, policies, options)
-        settings = _settings(strategy, rule_options, policies, update_every, per_group, grad_scaler)
+        settings = Settings.build(strategy, rule_options, policies, update_every, per_group, grad_scaler)
         measurer = Measurer(check_option("foreach", foreach), process_group)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
         # replaced right after by the inner optimizer's own list (see add_param_group).
@@ -232,7 +228,7 @@ class Newt(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         self.inner.add_param_group(param_group)
-        _check_group_lr(self.inner.param_groups[-1], len(self.inner.param_groups) - 1)
+        check_group_lr(self.inner.param_groups[-1], len(self.inner.param_groups) - 1)
         self._measurer.watch(self._params())
 
     def state_dict(self) -> dict[str, Any]:
@@ -310,84 +306,3 @@ class Newt(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"Newt(strategy={self._settings.strategy.name!r}, options={self.options}, inner={self.inner!r})"
-
-
-# ---------------------------------------------------------------------- construction helpers
-
-
-def _settings(
-    strategy: str | Callable[..., Any],
-    options: RuleOptions,
-    policies: Policies,
-    update_every: object,
-    per_group: object,
-    grad_scaler: object,
-) -> Settings:
-    """The options resolved once: the strategy's rules, the policy objects, the step's structure."""
-    resolved = resolve(strategy)
-    update_every = check_option("update_every", update_every)
-    per_group = check_option("per_group", per_group)
-    if per_group and resolved.without_losses is None:
-        raise ValueError(
-            f"per_group=True adapts each group from its own slopes d0, d1, which strategy "
-            f"{resolved.name!r} cannot do (the loss values belong to all groups at once): "
-            "use strategy='retsinas' or strategy='gen', or per_group=False."
-        )
-    if grad_scaler is not None and not all(hasattr(grad_scaler, m) for m in ("unscale_", "get_scale", "update")):
-        raise TypeError(
-            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}: "
-            "build one with torch.amp.GradScaler(device) and pass it here."
-        )
-    scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-    checks = Checks(
-        options,
-        NonfiniteCheck(policies.reject_nonfinite),
-        SpikeTest(policies.spike_threshold, policies.reject_spikes),
-        AscentHold(policies.hold_on_ascent),
-        policies.start_armijo,
-        scaler is not None,
-    )
-    return Settings(
-        resolved,
-        checks,
-        StartTest(policies.start_armijo),
-        RiseCheck(policies.rise_threshold),
-        BlowUpCheck(policies.blow_up_threshold),
-        policies.noise_correction,
-        update_every,
-        per_group,
-        scaler,
-    )
-
-
-def _check_inner(inner: object) -> None:
-    if isinstance(inner, Newt):
-        raise TypeError("Newt cannot wrap another Newt: wrap the inner optimizer once.")
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(
-            f"Newt wraps a torch.optim.Optimizer, got {type(inner).__name__}. Build the inner "
-            "optimizer first, e.g. Newt(torch.optim.Adam(model.parameters(), lr=1e-3))."
-        )
-    for index, group in enumerate(inner.param_groups):
-        _check_group_lr(group, index)
-        if group.get("differentiable", False):
-            raise ValueError(
-                f"param group {index} has differentiable=True: Newt steps under torch.no_grad() and "
-                "cannot differentiate through the inner step. Build the inner optimizer with "
-                "differentiable=False."
-            )
-    if max(float(g["lr"]) for g in inner.param_groups) <= 0.0:
-        raise ValueError("every param group has lr=0: give at least one group a positive initial learning rate.")
-
-
-def _check_group_lr(group: dict[str, Any], index: int) -> None:
-    if "lr" not in group:
-        raise ValueError(
-            f"param group {index} has no 'lr': Newt adapts the learning rate and needs an inner "
-            "optimizer that reads it from group['lr'] (SGD, Adam, AdamW, RMSprop, Lion, ...)."
-        )
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = lr.item()
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"param group {index} has lr={group['lr']!r}: it must be a finite number >= 0.")

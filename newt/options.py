@@ -22,9 +22,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
+import torch
+
 from newt._numerics import check_real
 
-__all__ = ["DEFAULT_OPTIONS", "DEFAULT_POLICIES", "OPTIONS", "OptionSpec", "Policies", "RuleOptions", "check_option"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "DEFAULT_POLICIES",
+    "OPTIONS",
+    "OptionSpec",
+    "Policies",
+    "RuleOptions",
+    "check_group_lr",
+    "check_inner",
+    "check_option",
+    "merged",
+]
 
 
 class OptionSpec(NamedTuple):
@@ -232,6 +245,12 @@ _RULE_FIELDS = frozenset(f.name for f in fields(RuleOptions))
 _POLICY_FIELDS = frozenset(f.name for f in fields(Policies))
 
 
+def _checked_object(name: str, value: object, kind: type, example: str) -> object:
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{name} must be a newt.{kind.__name__}, got {type(value).__name__}, e.g. {example}.")
+    return value
+
+
 def merged(
     rule_options: RuleOptions | None, policies: Policies | None, overrides: Mapping[str, object]
 ) -> tuple[RuleOptions, Policies]:
@@ -240,20 +259,49 @@ def merged(
     Raises:
         TypeError: An override names no option, or one object has the wrong type.
     """
-    if rule_options is not None and not isinstance(rule_options, RuleOptions):
-        raise TypeError(f"rule_options must be a newt.RuleOptions, got {type(rule_options).__name__}.")
-    if policies is not None and not isinstance(policies, Policies):
-        raise TypeError(f"policies must be a newt.Policies, got {type(policies).__name__}, e.g. Policies.off().")
+    _checked_object("rule_options", rule_options, RuleOptions, "RuleOptions(gamma=1.0)")
+    _checked_object("policies", policies, Policies, "Policies.off()")
     unknown = sorted(set(overrides) - _RULE_FIELDS - _POLICY_FIELDS)
     if unknown:
         names = ", ".join(sorted(_RULE_FIELDS | _POLICY_FIELDS))
         raise TypeError(f"Newt() got an unexpected keyword argument {unknown[0]!r}; the options by name are: {names}.")
-    rule_options = rule_options or DEFAULT_OPTIONS
-    policies = policies or DEFAULT_POLICIES
-    rule_overrides = {k: v for k, v in overrides.items() if k in _RULE_FIELDS}
-    policy_overrides = {k: v for k, v in overrides.items() if k in _POLICY_FIELDS}
-    if rule_overrides:
-        rule_options = replace(rule_options, **rule_overrides)
-    if policy_overrides:
-        policies = replace(policies, **policy_overrides)
+    rule_options = replace(rule_options or DEFAULT_OPTIONS, **{k: v for k, v in overrides.items() if k in _RULE_FIELDS})
+    policies = replace(policies or DEFAULT_POLICIES, **{k: v for k, v in overrides.items() if k in _POLICY_FIELDS})
     return rule_options, policies
+
+
+def check_inner(inner: object) -> None:
+    """Refuse an inner optimizer ``Newt`` cannot wrap, saying why and what to do."""
+    from newt.optimizer import Newt  # the optimizer module imports this one
+
+    if isinstance(inner, Newt):
+        raise TypeError("Newt cannot wrap another Newt: wrap the inner optimizer once.")
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(
+            f"Newt wraps a torch.optim.Optimizer, got {type(inner).__name__}. Build the inner "
+            "optimizer first, e.g. Newt(torch.optim.Adam(model.parameters(), lr=1e-3))."
+        )
+    for index, group in enumerate(inner.param_groups):
+        check_group_lr(group, index)
+        if group.get("differentiable", False):
+            raise ValueError(
+                f"param group {index} has differentiable=True: Newt steps under torch.no_grad() and "
+                "cannot differentiate through the inner step. Build the inner optimizer with "
+                "differentiable=False."
+            )
+    if max(float(g["lr"]) for g in inner.param_groups) <= 0.0:
+        raise ValueError("every param group has lr=0: give at least one group a positive initial learning rate.")
+
+
+def check_group_lr(group: dict[str, Any], index: int) -> None:
+    """A param group's ``"lr"`` must exist and be a finite number >= 0."""
+    if "lr" not in group:
+        raise ValueError(
+            f"param group {index} has no 'lr': Newt adapts the learning rate and needs an inner "
+            "optimizer that reads it from group['lr'] (SGD, Adam, AdamW, RMSprop, Lion, ...)."
+        )
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"param group {index} has lr={group['lr']!r}: it must be a finite number >= 0.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -11,12 +11,13 @@ import torch
 
 from newt._numerics import Decision, Proposal
 from newt._state import State
+from newt.options import Policies, RuleOptions, check_option
 from newt.pipeline.decide import Checks, Measured, shrunk
 from newt.pipeline.gather import Gathered
 from newt.pipeline.measure import Measurer
 from newt.pipeline.record import record, record_plain
-from newt.policies import BlowUpCheck, RiseCheck, StartTest
-from newt.strategies import Strategy
+from newt.policies import AscentHold, BlowUpCheck, NonfiniteCheck, RiseCheck, SpikeTest, StartTest
+from newt.strategies import Strategy, resolve
 
 __all__ = ["Mode", "Settings"]
 
@@ -34,6 +35,53 @@ class Settings:
     update_every: int
     per_group: bool
     scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def build(
+        cls,
+        strategy: str | Callable[..., Any],
+        options: RuleOptions,
+        policies: Policies,
+        update_every: object,
+        per_group: object,
+        grad_scaler: object,
+    ) -> Settings:
+        """The options resolved once: the strategy's rules, the policy objects, the step's structure.
+
+        Raises:
+            ValueError: ``per_group=True`` with a strategy that needs the loss values, or an
+                option out of range.
+            TypeError: ``grad_scaler`` is not a GradScaler, or an option has the wrong type.
+        """
+        resolved = resolve(strategy)
+        update_every = check_option("update_every", update_every)
+        per_group = check_option("per_group", per_group)
+        if per_group and resolved.without_losses is None:
+            raise ValueError(
+                f"per_group=True adapts each group from its own slopes d0, d1, which strategy "
+                f"{resolved.name!r} cannot do (the loss values belong to all groups at once): "
+                "use strategy='retsinas' or strategy='gen', or per_group=False."
+            )
+        if grad_scaler is not None and not all(hasattr(grad_scaler, m) for m in ("unscale_", "get_scale", "update")):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}: "
+                "build one with torch.amp.GradScaler(device) and pass it here."
+            )
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        checks = Checks(
+            options,
+            NonfiniteCheck(policies.reject_nonfinite),
+            SpikeTest(policies.spike_threshold, policies.reject_spikes),
+            AscentHold(policies.hold_on_ascent),
+            policies.start_armijo,
+            scaler is not None,
+        )
+        start, rise, blow_up = (
+            StartTest(policies.start_armijo),
+            RiseCheck(policies.rise_threshold),
+            BlowUpCheck(policies.blow_up_threshold),
+        )
+        return cls(resolved, checks, start, rise, blow_up, policies.noise_correction, update_every, per_group, scaler)
 
 
 class Mode:

@@ -47,14 +47,7 @@ class ClosureFree(Mode):
     }
 
     def step(self, state: State, loss: torch.Tensor | float | None) -> None:
-        strategy = self.settings.strategy
-        if strategy.without_losses is None:
-            raise ValueError(
-                f"Newt.step was called without a closure, but strategy {strategy.name!r} measures "
-                "the loss at the lookahead point, which needs one: pass a closure that clears the gradients, "
-                "computes the loss on the current batch, calls backward() and returns the loss, as in "
-                "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
-            )
+        self._check_strategy()
         if loss is not None:
             checked_loss(loss, "loss=")  # on every step, though it is read only at the start
         gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT)
@@ -65,22 +58,14 @@ class ClosureFree(Mode):
         pending = state.pending
         if pending is not None and not self._continues(pending, gathered):
             pending = None  # other parameters moved: start a new measurement
-        loss_value, watched = None, None
-        if loss is not None and self.settings.start.on_probation(state):
-            loss_value, rejected = self._start_test(
-                state, loss_tensor(loss, "loss="), loss_eps(loss), pending, gathered
-            )
-            if rejected:
-                return None
-        elif loss is not None and self.settings.blow_up.active:
-            watched = loss
+        loss_value, watched, undone = self._read_loss(state, loss, pending, gathered)
         adapted = False
-        if pending is not None:
+        if pending is not None and not undone:
             pending, adapted, undone = self._complete(
                 state, pending, gathered, grads, watched, checked=loss is not None
             )
-            if undone:
-                return None
+        if undone:
+            return None
         try:
             self.inner_step(gathered.local)
         except BaseException:
@@ -92,6 +77,32 @@ class ClosureFree(Mode):
         if not adapted:
             self.record_plain(state, math.nan)
         return None
+
+    def _check_strategy(self) -> None:
+        strategy = self.settings.strategy
+        if strategy.without_losses is None:
+            raise ValueError(
+                f"Newt.step was called without a closure, but strategy {strategy.name!r} measures "
+                "the loss at the lookahead point, which needs one: pass a closure that clears the gradients, "
+                "computes the loss on the current batch, calls backward() and returns the loss, as in "
+                "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
+            )
+
+    def _read_loss(
+        self, state: State, loss: torch.Tensor | float | None, pending: Pending | None, gathered: Gathered
+    ) -> tuple[float | None, torch.Tensor | float | None, bool]:
+        """What the given loss is for: the start-up test (while the start is on probation, read
+        now) or the blow-up check (after it, read with the measurements).
+
+        Returns the loss read for the start-up test, the loss the blow-up check is to read, and
+        whether the start-up test undid the previous step.
+        """
+        if loss is None:
+            return None, None, False
+        if self.settings.start.on_probation(state):
+            loss_value, undone = self._start_test(state, loss_tensor(loss, "loss="), loss_eps(loss), pending, gathered)
+            return loss_value, None, undone
+        return None, (loss if self.settings.blow_up.active else None), False
 
     @staticmethod
     def _continues(pending: Pending, gathered: Gathered) -> bool:

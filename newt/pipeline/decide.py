@@ -101,6 +101,36 @@ def decide(
     """
     f0, f1, d0s, d1s = measured
     options = checks.options
+    resolution = 0.0 if f0 is None or not all_finite(f0, f1) else loss_resolution(loss_eps, f0, f1)
+    verdict = _guards(measured, rates, checks, probation, resolution)
+    if verdict.rejected or verdict.proposals:
+        return verdict
+    proposals = []
+    for unit, (rate, d0, d1, share) in enumerate(zip(rates, d0s, d1s, noise)):
+        if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
+            proposals.append(Proposal(rate.adapted, Decision.PLAIN))
+            continue
+        proposal, seen = _rule_proposal(rule, rate, measured, d0, d1, share, resolution, options)
+        if proposal.decision is Decision.NONCONVEX:
+            nonzero = lambda u=unit: gradient_nonzero(u)  # noqa: E731
+            proposal = _too_short(proposal, rate, rule, d0, d1, f0, seen, nonzero, options)
+        if hold_ascents:
+            proposal = checks.ascent.applied(rate.adapted, d0, proposal)
+        proposals.append(proposal)
+    return Verdict(proposals, False, verdict.proven)
+
+
+def _guards(
+    measured: Measured, rates: Sequence[GroupRate], checks: Checks, probation: bool, resolution: float
+) -> Verdict:
+    """The checks of the whole step, before any rule: a verdict with proposals ends the step.
+
+    Non-finite numbers shrink the rate (or, when only the lookahead's scaled gradients
+    overflowed, keep it); a loss spike shrinks it; a start that fails the start-up test is
+    undone. Otherwise the verdict has no proposals, and says whether the start passed.
+    """
+    f0, f1, d0s, d1s = measured
+    options = checks.options
     losses_finite = f0 is None or all_finite(f0, f1)
     if not (all_finite(*d0s, *d1s) and losses_finite):
         if checks.scaled and all_finite(*d0s) and losses_finite:
@@ -108,29 +138,17 @@ def decide(
             # loss is finite), the measurement is lost. Keep the step and the rate.
             return Verdict([Proposal(rate.adapted, Decision.NONFINITE) for rate in rates], False)
         return Verdict(shrunk(rates, options, Decision.NONFINITE), checks.nonfinite.reject)
-    if f0 is not None and checks.spike.fires(f0, f1):
+    if f0 is None:
+        return Verdict([], False)
+    if checks.spike.fires(f0, f1):
         return Verdict(shrunk(rates, options, Decision.SPIKE), checks.spike.reject)
-    resolution = 0.0 if f0 is None else loss_resolution(loss_eps, f0, f1)
-    proven = False
-    if f0 is not None and probation:
-        # the raw d0, not the noise-corrected one: the test asks what this batch's line did
-        verdict = sufficient_decrease(f0, f1, math.fsum(d0s), checks.armijo, resolution)
-        if verdict is False:
-            return Verdict(shrunk(rates, options, Decision.INSUFFICIENT), True)
-        proven = verdict is True
-    proposals = []
-    for unit, (rate, d0, d1, share) in enumerate(zip(rates, d0s, d1s, noise)):
-        if rate.used <= 0.0:  # a scheduler took the rate to zero: the step measured nothing
-            proposals.append(Proposal(rate.adapted, Decision.PLAIN))
-            continue
-        proposal, adjust = _rule_proposal(rule, rate, measured, d0, d1, share, resolution, options)
-        if proposal.decision is Decision.NONCONVEX:
-            nonzero = lambda u=unit: gradient_nonzero(u)  # noqa: E731
-            proposal = _too_short(proposal, rate, rule, d0, d1, f0, adjust, nonzero, options)
-        if hold_ascents:
-            proposal = checks.ascent.applied(rate.adapted, d0, proposal)
-        proposals.append(proposal)
-    return Verdict(proposals, False, proven)
+    if not probation:
+        return Verdict([], False)
+    # the raw d0, not the noise-corrected one: the test asks what this batch's line did
+    passed = sufficient_decrease(f0, f1, math.fsum(d0s), checks.armijo, resolution)
+    if passed is False:
+        return Verdict(shrunk(rates, options, Decision.INSUFFICIENT), True)
+    return Verdict([], False, passed is True)
 
 
 def _rule_proposal(

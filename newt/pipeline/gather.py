@@ -62,16 +62,24 @@ def gather(param_groups: Sequence[dict[str, Any]], rates: Rates, per_group: bool
     if not per_group:
         reference = max(range(len(groups)), key=lambda g: groups[g].used)
         return Gathered(active, local, [list(range(len(active)))], [reference])
+    units = _units_per_group(param_groups, active, rates)
+    order = sorted(units)
+    return Gathered(active, local, [units[g] for g in order], order)
+
+
+def _units_per_group(
+    param_groups: Sequence[dict[str, Any]], active: list[torch.Tensor], rates: Rates
+) -> dict[int, list[int]]:
+    """Group index -> positions in ``active``, for every group that has gradients and a nonzero rate."""
     group_of = {id(p): g for g, group in enumerate(param_groups) for p in group["params"]}
     units: dict[int, list[int]] = {}
     for position, p in enumerate(active):
         g = group_of[id(p)]
-        if groups[g].used > 0.0:
+        if rates.groups[g].used > 0.0:
             units.setdefault(g, []).append(position)
     if not units:
         raise RuntimeError("no param group with gradients has a nonzero learning rate: nothing to adapt.")
-    order = sorted(units)
-    return Gathered(active, local, [units[g] for g in order], order)
+    return units
 
 
 def first_call(closure: Callable[[], Any]) -> tuple[Any, torch.Tensor]:
