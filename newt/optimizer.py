@@ -127,11 +127,19 @@ class Newt(torch.optim.Optimizer):
         closure, the inner step or the rule raises, the parameters are restored to
         ``theta_t`` and the exception propagates unchanged; the next ``step`` works as usual.
         """
-        work = self._state.copy()
+        # The step works on a copy of Newt's state and keeps it only once nothing can raise.
+        work, lrs, writes = self._state.copy(), _learning_rates(self.param_groups), self._measurer.writes
         try:
-            return self._step(work, closure, loss)
-        finally:
-            self._state = work
+            result = self._step(work, closure, loss)
+        except BaseException:
+            _restore_learning_rates(self.param_groups, lrs)
+            if self._measurer.writes != writes:
+                # The step's snapshot overwrote theta_{t-1}, which a measurement in progress (the
+                # noise probe, closure-free mode's last step) still needed: it is dropped.
+                self._state.probe = self._state.pending = None
+            raise
+        self._state = work
+        return result
 
     def _step(self, work: State, closure: Closure | None, loss: torch.Tensor | float | None) -> Any:
         given, work.given_loss = work.given_loss, None
@@ -306,3 +314,16 @@ class Newt(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"Newt(strategy={self._settings.strategy.name!r}, options={self.options}, inner={self.inner!r})"
+
+
+def _learning_rates(param_groups: Sequence[dict[str, Any]]) -> list[float]:
+    return [float(group["lr"]) for group in param_groups]
+
+
+def _restore_learning_rates(param_groups: Sequence[dict[str, Any]], rates: Sequence[float]) -> None:
+    """Put back the rates a failed step found (tensor rates in place)."""
+    for group, rate in zip(param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate

@@ -709,8 +709,10 @@ def test_a_given_loss_with_loss_or_a_closure_is_rejected_before_anything_moves()
     with pytest.raises(ValueError, match="both a closure and a loss from give_loss"):
         opt.step(lambda: _backward(opt, a, b, x))
     assert torch.equal(x.detach(), before) and opt.step_info is None
-    opt.step()  # the given loss was used up by the refused calls: a plain closure-free step
-    assert opt.step_info.decision == Decision.PLAIN and not torch.equal(x.detach(), before)
+    assert opt.state_dict()["newt"]["given_loss"] == loss.item()  # a refused call leaves it waiting
+    opt.step()  # takes the loss given
+    assert opt.state_dict()["newt"]["given_loss"] is None and opt.step_info.decision == Decision.PLAIN
+    assert not torch.equal(x.detach(), before)
 
 
 @pytest.mark.parametrize(

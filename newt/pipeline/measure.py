@@ -26,6 +26,7 @@ class Measurer:
         self.process_group = process_group
         self.sharded = False  # DTensor shards (FSDP2): the dot products are partial sums
         self.buffer: list[torch.Tensor] | None = None
+        self.writes = 0  # how many snapshots the buffer has taken: a step that raised may have overwritten it
 
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Take note of the parameters (at construction and when a param group is added)."""
@@ -39,6 +40,7 @@ class Measurer:
             self.buffer = None  # free the old buffer before allocating the new one
             self.buffer = _kernels.new_snapshot(local)
         _kernels.copy_(self.buffer, local, foreach=self.foreach)
+        self.writes += 1
         return self.buffer
 
     def restore(self, local: list[torch.Tensor]) -> None:
