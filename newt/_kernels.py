@@ -124,23 +124,41 @@ def step_dot(grads: Tensors, snapshot: Tensors, params: Tensors, *, foreach: boo
     first = triples[0][1]
     sizes = [s.numel() for _, s, _ in triples]
     if sum(sizes) <= _BUCKET_NUMEL and all(s.dtype == first.dtype and s.device == first.device for _, s, _ in triples):
-        return _bucket_dot(triples, first.dtype)
+        return _bucket_dot(*_columns(triples), first.dtype)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, (_, s, _) in enumerate(triples):
         groups[(s.device, s.dtype)].append(i)
     partial_sums = [
-        _bucket_dot([triples[i] for i in bucket], dtype).to(result_device)
+        _bucket_dot(*_columns([triples[i] for i in bucket]), dtype).to(result_device)
         for (_, dtype), indices in groups.items()
         for bucket in _buckets(indices, sizes)
     ]
     return torch.stack(partial_sums).sum()
 
 
-def _bucket_dot(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """``sum <g, s - p>`` over same-dtype, same-device triples, with one temporary per tensor."""
-    g = [t[0] for t in triples]
-    s = [t[1] for t in triples]
-    p = [t[2] for t in triples]
+def uniform(tensors: Tensors) -> bool:
+    """Whether ``tensors`` take :func:`step_dot`'s usual path: one device, one real dtype, one bucket."""
+    first = tensors[0]
+    return (
+        not first.is_complex()
+        and sum(t.numel() for t in tensors) <= _BUCKET_NUMEL
+        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+    )
+
+
+def uniform_step_dot(grads: Tensors, snapshot: Tensors, params: Tensors) -> torch.Tensor:
+    """:func:`step_dot` (multi-tensor) for a ``snapshot`` that is :func:`uniform` and gradients that
+    are all present: the same kernels, without the checks that a caller who knows this can skip."""
+    return _bucket_dot(grads, snapshot, params, snapshot[0].dtype)
+
+
+def _columns(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[list, list, list]:
+    return [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
+
+
+def _bucket_dot(g: Tensors, s: Tensors, p: Tensors, dtype: torch.dtype) -> torch.Tensor:
+    """``sum <g, s - p>`` over same-dtype, same-device tensors, with one temporary per tensor."""
+    g, s, p = list(g), list(s), list(p)
     wide = _ACCUMULATE.get(dtype)
     if wide is not None:  # upcast before subtracting: the step of bf16 weights is not bf16
         s, p, g = [x.to(wide) for x in s], [x.to(wide) for x in p], [x.to(wide) for x in g]

@@ -82,6 +82,7 @@ class State:
 
     def copy(self) -> State:
         """The copy a step works on: shallow, with its own rates (a step changes them in place)."""
-        other = State(**self.__dict__)
+        other = object.__new__(State)
+        other.__dict__.update(self.__dict__)
         other.rates = self.rates.copy()
         return other

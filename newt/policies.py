@@ -166,10 +166,10 @@ def nearly_linear(d0: float, d1: float, f0: float | None, f1: float | None) -> b
     return d0 > 0.0 and abs(d0 - d1) <= LINEAR_TOLERANCE * d0 and f1 <= f0
 
 
-def loss_resolution(loss_eps: float, *losses: float) -> float:
-    """The rounding error of loss values of relative precision ``loss_eps``: a change below it is
-    not measured."""
-    return LOSS_ROUNDING_ULPS * loss_eps * max(abs(f) for f in losses)
+def loss_resolution(loss_eps: float, f0: float, f1: float) -> float:
+    """The rounding error of two loss values of relative precision ``loss_eps``: a change below it
+    is not measured."""
+    return LOSS_ROUNDING_ULPS * loss_eps * max(abs(f0), abs(f1))
 
 
 # ---------------------------------------------------------------------- the policy objects

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +26,9 @@ from newt.pipeline.measure import Measurer
 from newt.policies import is_spike, loss_resolution, next_batch_verdict
 
 __all__ = ["ClosureFree"]
+
+Block = tuple["torch.Tensor | None", "torch.Tensor | None", int]
+"""The sums of ``d0`` and ``d1`` over the steps of the current block so far, and their number."""
 
 NO_GRADIENT = (
     "Newt.step() without a closure needs the gradients of the current batch: call "
@@ -50,7 +52,7 @@ class ClosureFree(Mode):
         self._check_strategy()
         if loss is not None:
             checked_loss(loss, "loss=")  # on every step, though it is read only at the start
-        gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT)
+        gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT, self.measurer.dtensors)
         grads = gathered.grads()
         if self.stops_before_step(state, None, gathered):
             state.pending = None  # the measurement in progress would be NaN
@@ -59,11 +61,10 @@ class ClosureFree(Mode):
         if pending is not None and not self._continues(pending, gathered):
             pending = None  # other parameters moved: start a new measurement
         loss_value, watched, undone = self._read_loss(state, loss, pending, gathered)
+        block: Block = (None, None, 0)  # the sums over the block so far, and its length
         adapted = False
         if pending is not None and not undone:
-            pending, adapted, undone = self._complete(
-                state, pending, gathered, grads, watched, checked=loss is not None
-            )
+            block, adapted, undone = self._complete(state, pending, gathered, grads, watched, checked=loss is not None)
         if undone:
             return None
         try:
@@ -72,8 +73,7 @@ class ClosureFree(Mode):
             state.pending = None
             raise
         d0 = self.measurer.dots(grads, gathered.local, gathered.units)
-        pending = Pending(tuple(gathered.active), d0) if pending is None else replace(pending, d0=d0)
-        state.pending = replace(pending, loss=loss_value)
+        state.pending = Pending(tuple(gathered.active), d0, *block, loss_value)
         if not adapted:
             self.record_plain(state, math.nan)
         return None
@@ -119,11 +119,11 @@ class ClosureFree(Mode):
         grads: list[torch.Tensor | None],
         watched: torch.Tensor | float | None,
         checked: bool,
-    ) -> tuple[Pending, bool, bool]:
+    ) -> tuple[Block, bool, bool]:
         """Measure the previous step's ``d1`` and, at the end of a block, adapt the rate.
 
-        Returns the measurement in progress, whether the rate was adapted, and whether the
-        previous step was undone (a blow-up).
+        Returns the block's sums so far (reset when the block ends), whether the rate was
+        adapted, and whether the previous step was undone (a blow-up).
         """
         # d_{t-1} = theta_{t-1} - theta_t, with theta_{t-1} still in the snapshot buffer
         d1 = self.measurer.dots(grads, gathered.local, gathered.units)
@@ -131,7 +131,7 @@ class ClosureFree(Mode):
         block_d1 = d1 if pending.block_d1 is None else pending.block_d1 + d1
         count = pending.count + 1
         if count != self.settings.update_every:
-            return replace(pending, block_d0=block_d0, block_d1=block_d1, count=count), False, False
+            return (block_d0, block_d1, count), False, False
         # The loss rides along in the transfer the measurements make anyway: no extra sync.
         losses = [] if watched is None else [loss_tensor(watched, "loss=").reshape(1).to(d1.device)]
         values = self.measurer.reduce(torch.cat([*losses, block_d0.to(d1.device), block_d1]), len(losses))
@@ -142,14 +142,14 @@ class ClosureFree(Mode):
         if self.settings.blow_up.fires(reference, f):
             if self.settings.checks.spike.reject:
                 self._undo(state, Measured(reference, f, d0s, d1s), gathered, Decision.SPIKE)
-                return pending, True, True
+                return (None, None, 0), True, True
             proposals = self.shrunk(state, gathered.unit_groups, Decision.SPIKE)
             self.record(state, Measured(reference, f, d0s, d1s), gathered.unit_groups, proposals, rejected=False)
         else:
             if reference is None and math.isfinite(f):
                 state.loss_reference = f
             self._adapt(state, gathered, grads, d0s, d1s, checked and self.settings.blow_up.active)
-        return replace(pending, block_d0=None, block_d1=None, count=0), True, False
+        return (None, None, 0), True, False
 
     def _adapt(
         self,
@@ -162,7 +162,6 @@ class ClosureFree(Mode):
     ) -> None:
         settings = self.settings
         rule = settings.strategy.given_loss if checked else settings.strategy.without_losses
-        per_unit = gathered.split(grads)
         verdict = decide(
             Measured(None, None, d0s, d1s),
             [state.rates.groups[g] for g in gathered.unit_groups],
@@ -170,7 +169,7 @@ class ClosureFree(Mode):
             rule,
             settings.checks,
             probation=settings.start.on_probation(state),
-            gradient_nonzero=lambda unit: self.measurer.nonzero(per_unit[unit]),
+            gradient_nonzero=lambda unit: self.measurer.nonzero(gathered.split(grads)[unit]),
         )
         self.record(
             state, Measured(math.nan, math.nan, d0s, d1s), gathered.unit_groups, verdict.proposals, rejected=False

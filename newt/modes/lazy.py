@@ -39,7 +39,7 @@ class Lazy(Lookahead):
         # the RNG state a lookahead would replay, in case this step turns into one
         rng_at_start = RngState(cuda_devices(params)) if watching else None
         loss, f0 = first_call(closure)
-        gathered = gather(self.param_groups, state.rates, settings.per_group, NO_GRADIENT)
+        gathered = gather(self.param_groups, state.rates, settings.per_group, NO_GRADIENT, self.measurer.dtensors)
         if self.stops_before_step(state, f0, gathered):
             return loss
         if watching:

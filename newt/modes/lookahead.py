@@ -47,7 +47,7 @@ class Lookahead(Mode):
         params = [p for group in self.param_groups for p in group["params"]]
         rng_at_start = RngState(cuda_devices(params))
         loss, f0 = first_call(closure)
-        gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT)
+        gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT, self.measurer.dtensors)
         if self.stops_before_step(state, f0, gathered):
             return loss
         return self.measured_step(state, closure, rng_at_start, loss, f0, gathered)
@@ -141,7 +141,6 @@ class Lookahead(Mode):
         # spike undoes it (not in lazy mode, whose plain steps run at the kept rate unguarded);
         # a custom rule's answer to an uphill step is its own choice.
         hold_ascents = settings.checks.ascent.enabled and settings.update_every == 1 and rule.builtin
-        per_unit = gathered.split(grads)
         verdict = decide(
             measured,
             [state.rates.groups[g] for g in gathered.unit_groups],
@@ -151,7 +150,7 @@ class Lookahead(Mode):
             probation=settings.start.on_probation(state),
             loss_eps=loss_eps(loss),
             hold_ascents=hold_ascents,
-            gradient_nonzero=lambda unit: self.measurer.nonzero(per_unit[unit]),
+            gradient_nonzero=lambda unit: self.measurer.nonzero(gathered.split(grads)[unit]),
         )
         if verdict.proven:
             state.start_proven = True

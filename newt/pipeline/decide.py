@@ -68,6 +68,10 @@ class Checks:
     scaled: bool  # a GradScaler scales the lookahead's gradients: an overflow there loses only the measurement
 
 
+_GO_ON = Verdict([], False)
+"""What the guards return when the step goes on to the rules."""
+
+
 def shrunk(rates: Sequence[GroupRate], options: RuleOptions, decision: Decision) -> list[Proposal]:
     """Every unit's adapted rate cut by ``shrink``, with ``decision`` as the reason."""
     return [shrunk_rate(rate.adapted, options, decision) for rate in rates]
@@ -139,11 +143,11 @@ def _guards(
             return Verdict([Proposal(rate.adapted, Decision.NONFINITE) for rate in rates], False)
         return Verdict(shrunk(rates, options, Decision.NONFINITE), checks.nonfinite.reject)
     if f0 is None:
-        return Verdict([], False)
+        return _GO_ON
     if checks.spike.fires(f0, f1):
         return Verdict(shrunk(rates, options, Decision.SPIKE), checks.spike.reject)
     if not probation:
-        return Verdict([], False)
+        return _GO_ON
     # the raw d0, not the noise-corrected one: the test asks what this batch's line did
     passed = sufficient_decrease(f0, f1, math.fsum(d0s), checks.armijo, resolution)
     if passed is False:

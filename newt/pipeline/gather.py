@@ -15,7 +15,7 @@ from newt.distributed import local_tensor
 __all__ = ["Gathered", "checked_loss", "first_call", "gather", "loss_eps", "loss_tensor"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Gathered:
     """The parameters a step moves and the rate units it adapts.
 
@@ -26,24 +26,33 @@ class Gathered:
             per param group with ``per_group=True``.
         unit_groups: The group each unit adapts (with one global rate: the reference group,
             the one with the largest rate).
+        sharded: Whether some parameter is a DTensor (``local`` then holds its shards).
     """
 
     active: list[torch.Tensor]
     local: list[torch.Tensor]
     units: list[list[int]]
     unit_groups: list[int]
+    sharded: bool = False
 
     def grads(self) -> list[torch.Tensor | None]:
         """The active parameters' gradients now (rank-local shards)."""
-        return [local_tensor(p.grad) for p in self.active]
+        if self.sharded:
+            return [local_tensor(p.grad) for p in self.active]
+        return [p.grad for p in self.active]
 
     def split(self, items: Sequence[Any]) -> list[list[Any]]:
         """``items`` (one per active parameter) grouped by rate unit."""
         return [[items[i] for i in unit] for unit in self.units]
 
 
-def gather(param_groups: Sequence[dict[str, Any]], rates: Rates, per_group: bool, missing: str) -> Gathered:
+def gather(
+    param_groups: Sequence[dict[str, Any]], rates: Rates, per_group: bool, missing: str, dtensors: bool = False
+) -> Gathered:
     """The active parameters and the rate units; ``missing`` is the error when nothing has a gradient.
+
+    ``dtensors``: whether some parameter may be a DTensor (else the rank-local shards are the
+    parameters themselves, and looking for shards is skipped).
 
     Raises:
         RuntimeError: No parameter has a gradient, a gradient is sparse, or (``per_group``) no
@@ -57,14 +66,14 @@ def gather(param_groups: Sequence[dict[str, Any]], rates: Rates, per_group: bool
             "Newt does not support sparse gradients (e.g. nn.Embedding(sparse=True)): use dense "
             "gradients (sparse=False)."
         )
-    local = [local_tensor(p) for p in active]
+    local = [local_tensor(p) for p in active] if dtensors else active
     groups = rates.groups
     if not per_group:
         reference = max(range(len(groups)), key=lambda g: groups[g].used)
-        return Gathered(active, local, [list(range(len(active)))], [reference])
+        return Gathered(active, local, [list(range(len(active)))], [reference], dtensors)
     units = _units_per_group(param_groups, active, rates)
     order = sorted(units)
-    return Gathered(active, local, [units[g] for g in order], order)
+    return Gathered(active, local, [units[g] for g in order], order, dtensors)
 
 
 def _units_per_group(

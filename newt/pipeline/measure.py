@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from newt import _kernels
-from newt.distributed import agree_all, agree_any, reduce_measurements, sharded
+from newt.distributed import DTensor, agree_all, agree_any, reduce_measurements, sharded
 
 __all__ = ["Measurer"]
 
@@ -25,12 +25,15 @@ class Measurer:
         self.foreach = foreach
         self.process_group = process_group
         self.sharded = False  # DTensor shards (FSDP2): the dot products are partial sums
+        self.dtensors = False  # some parameter is a DTensor: the tensor work runs on its local shard
         self.buffer: list[torch.Tensor] | None = None
+        self._uniform = False  # the buffer takes the dot products' usual path (see _kernels.uniform)
         self.writes = 0  # how many snapshots the buffer has taken: a step that raised may have overwritten it
 
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Take note of the parameters (at construction and when a param group is added)."""
         self.sharded = sharded(params)
+        self.dtensors = DTensor is not None and any(isinstance(p, DTensor) for p in params)
 
     # ------------------------------------------------------------------ the snapshot buffer
 
@@ -39,6 +42,7 @@ class Measurer:
         if not _kernels.snapshot_fits(self.buffer, local):
             self.buffer = None  # free the old buffer before allocating the new one
             self.buffer = _kernels.new_snapshot(local)
+            self._uniform = self.foreach and _kernels.uniform(self.buffer)
         _kernels.copy_(self.buffer, local, foreach=self.foreach)
         self.writes += 1
         return self.buffer
@@ -62,6 +66,8 @@ class Measurer:
     def dots(self, grads: list[torch.Tensor | None], local: list[torch.Tensor], units: list[list[int]]) -> torch.Tensor:
         """``<grad, snapshot - param>`` per unit, as a float64 vector on the device (no sync)."""
         if len(units) == 1:
+            if self._uniform and all(g is not None for g in grads):
+                return _kernels.uniform_step_dot(grads, self.buffer, local).reshape(1)
             return _kernels.step_dot(grads, self.buffer, local, foreach=self.foreach).reshape(1)
         dots = [
             _kernels.step_dot(
