@@ -1,4 +1,4 @@
-"""Scalar guards shared by every update rule (SPEC section 4).
+"""Scalar guards shared by every update rule (``docs/math.md``, "Guards").
 
 Everything here works on plain Python floats: a rule sees a handful of
 scalars per step, so float64 arithmetic on the host is exact enough and free.
@@ -79,10 +79,7 @@ def guarded_ratio(numerator: float, denominator: float, scale: float, eps: float
     """
     if not (scale > 0.0 and denominator > eps * scale):
         return None
-    try:
-        return numerator / denominator
-    except OverflowError:  # pragma: no cover - float division overflows to inf, never raises
-        return math.copysign(math.inf, numerator)
+    return numerator / denominator
 
 
 def clamp_alpha(alpha: float, alpha_min: float, alpha_max: float) -> float:

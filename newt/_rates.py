@@ -1,17 +1,18 @@
 """Who owns ``group["lr"]``: the rate Newt adapts, and the multiplier a scheduler applies on top.
 
 Note [rates and schedulers]: after every ``Newt.step`` each param group's ``"lr"`` holds the
-rate the next step uses (SPEC section 6), ``multiplier * adapted``. ``adapted`` is Newt's own
-rate; ``multiplier`` is 1 until something else (an ``lr_scheduler``, a user) changes
-``group["lr"]`` between two steps. Newt reads such a change as a multiplicative schedule factor,
-``multiplier *= new / written``, which is exactly what PyTorch's chainable schedulers do when
-``scheduler.step()`` runs (LinearLR, CosineAnnealingLR, ExponentialLR, StepLR, MultiStepLR,
-PolynomialLR, ConstantLR, MultiplicativeLR and SequentialLR between its milestones): warm-up and
-decay multiply the rate Newt finds. A write of exactly ``group["initial_lr"]`` (the base rate
-torch schedulers record) is read as the multiplier returning to 1: that is how closed-form
-updates say "factor 1", e.g. SequentialLR switching to CosineAnnealingLR. Other absolute writes
-computed from the initial rate (LambdaLR, OneCycleLR, CyclicLR, ``step(epoch)``) know nothing of
-Newt's rate; docs/schedulers.md says what happens then.
+rate the next step uses, ``multiplier * adapted`` (``docs/math.md``, "Who owns the learning
+rate"). ``adapted`` is Newt's own rate; ``multiplier`` is 1 until something else (an
+``lr_scheduler``, a user) changes ``group["lr"]`` between two steps. Newt reads such a change as
+a multiplicative schedule factor, ``multiplier *= new / written``, which is exactly what
+PyTorch's chainable schedulers do when ``scheduler.step()`` runs (LinearLR, CosineAnnealingLR,
+ExponentialLR, StepLR, MultiStepLR, PolynomialLR, ConstantLR, MultiplicativeLR and SequentialLR
+between its milestones): warm-up and decay multiply the rate Newt finds. A write of exactly
+``group["initial_lr"]`` (the base rate torch schedulers record) is read as the multiplier
+returning to 1: that is how closed-form updates say "factor 1", e.g. SequentialLR switching to
+CosineAnnealingLR. Other absolute writes computed from the initial rate (LambdaLR, OneCycleLR,
+CyclicLR, ``step(epoch)``) know nothing of Newt's rate; docs/schedulers.md says what happens
+then.
 """
 
 from __future__ import annotations

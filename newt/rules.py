@@ -180,7 +180,7 @@ def gen_slopes(
 ) -> Proposal:
     """GeN without loss values: the parabola's curvature from the gradient difference.
 
-    The form of ``gen`` that needs no closure (SPEC section 7): the parabola through the two
+    The form of ``gen`` that needs no closure (``docs/math.md``, "The modes"): the parabola through the two
     slopes ``g'(0) = -d0 / alpha`` and ``g'(alpha) = -d1 / alpha`` has its minimum at
     ``delta = alpha * d0 / (d0 - d1)``, and the rate moves there with smoothing::
 
@@ -241,7 +241,7 @@ RULES: Mapping[str, RuleSpec] = {
 STRATEGIES: Mapping[str, Rule] = {name: RULES[name].rule for name in ("retsinas", "taylor", "gen")}
 """The strategies a user names, and their rules (``"auto"`` picks among them per step)."""
 
-_SPEC_OF = {spec.rule: spec for spec in RULES.values()}
+_ENTRY_OF = {spec.rule: spec for spec in RULES.values()}
 
 
 def scheduled_proposal(
@@ -261,7 +261,7 @@ def scheduled_proposal(
     keep their meaning: a non-convex measurement keeps ``adapted``, a non-finite one shrinks it,
     and the factor and rate clamps apply to ``adapted``.
     """
-    spec = _SPEC_OF[rule]
+    spec = _ENTRY_OF[rule]
     measured = (f0, f1, d0, d1) if rule is not gen_slopes else (d0, d1)
     if _invalid_inputs(adapted, *measured) or not (math.isfinite(used) and used > 0.0):
         return shrunk_rate(adapted, options)

@@ -14,7 +14,7 @@ import torch
 def reference_measurements(
     params: Sequence[torch.Tensor], inner: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
 ) -> dict[str, float]:
-    """Take one inner step by hand and return f0, f1, d0, d1 as SPEC section 2 defines them.
+    """Take one inner step by hand and return f0, f1, d0, d1 as docs/math.md defines them.
 
     Leaves the parameters at the lookahead point, like ``Newt.step``. The closure must be
     deterministic (no dropout): this reference does not replay random state.

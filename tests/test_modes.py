@@ -1,4 +1,4 @@
-"""The modes of SPEC section 7 and the rate ownership of section 6, against independent computations.
+"""The modes and the ownership of the learning rate (docs/math.md), against independent computations.
 
 - lazy updates (``update_every=K`` with a closure): plain steps in between, one closure call each;
 - closure-free mode (``step()`` after the user's ``backward()``): the next gradient stands in for

@@ -220,7 +220,7 @@ def test_rose_sharply_hand_examples():
 @given(q=quadratic_lines(), k=st.integers(-40, 40))
 def test_every_rule_lowers_the_rate_on_an_uphill_line_and_the_ascent_hold_keeps_it(rule, q, k):
     # The mirror image of a convex quadratic line: g(a) = c + b a + h a^2 / 2 rises from a = 0,
-    # its minimiser -b/h is negative, and every rule's target with it (SPEC property 4: D1 < 0
+    # its minimiser -b/h is negative, and every rule's target with it (property 4 of docs/math.md: D1 < 0
     # lowers the rate); for the Newton rules the factor clamp binds. The hold keeps the rate.
     # The loss is scaled by 2^k: the answers do not depend on it.
     options = RuleOptions(max_factor=2.0, alpha_min=1e-300, alpha_max=1e300)

@@ -1,6 +1,6 @@
-"""Property tests of the pure learning-rate rules (SPEC sections 3-5).
+"""Property tests of the pure learning-rate rules (docs/math.md: the rules, their guards, their properties).
 
-The properties of SPEC section 5, for every built-in rule:
+The properties of docs/math.md, for every built-in rule:
 
 1. exact on quadratic lines (undamped, when the minimiser is inside the clamps);
 2. invariant under scaling the loss by ``c > 0``;
@@ -70,11 +70,11 @@ def hand(**overrides) -> RuleOptions:
 
 
 def undamped_wide() -> RuleOptions:
-    """gamma = 1 (retsinas, taylor) and smoothing = 0 (gen): the undamped rules of SPEC section 3."""
+    """gamma = 1 (retsinas, taylor) and smoothing = 0 (gen): the undamped rules of docs/math.md."""
     return RuleOptions(gamma=1.0, smoothing=0.0, **WIDE)
 
 
-# The curvature denominator each rule divides by (SPEC section 3), written independently of newt.
+# The curvature denominator each rule divides by (docs/math.md), written independently of newt.
 DENOMINATOR = {
     retsinas: lambda f0, f1, d0, d1: d0 - d1,
     taylor: lambda f0, f1, d0, d1: 2.0 * (f0 - f1 - d1),
@@ -83,7 +83,7 @@ DENOMINATOR = {
 
 
 def spec_formula(rule, alpha, f0, f1, d0, d1, options):
-    """The unclamped update of SPEC section 3, written out independently of newt."""
+    """The unclamped update of docs/math.md, written out independently of newt."""
     den = DENOMINATOR[rule](f0, f1, d0, d1)
     if rule is gen:
         return options.smoothing * alpha + (1.0 - options.smoothing) * alpha * d0 / den
@@ -180,7 +180,7 @@ class QuadLine(NamedTuple):
         return self.b / self.h
 
     def measurements(self) -> tuple[float, float, float, float]:
-        """``(f0, f1, D0, D1)`` as SPEC section 2 defines them, for this line."""
+        """``(f0, f1, D0, D1)`` as docs/math.md defines them, for this line."""
         a, b, h, c = self
         return c, c - b * a + h * a * a / 2.0, a * b, a * (b - h * a)
 
@@ -236,7 +236,7 @@ def test_quadratic_line_strategy_yields_convex_lines_with_minimiser_inside_wide_
     assert abs(q.c) <= 100 * max(q.b * q.alpha, q.h * q.alpha**2) * (1 + 1e-12)
     assert q.alpha / WIDE["max_factor"] < q.minimiser < q.alpha * WIDE["max_factor"]
     f0, f1, d0, d1 = q.measurements()
-    # D0 - D1 is the curvature along the step, h alpha^2 (SPEC section 3)
+    # D0 - D1 is the curvature along the step, h alpha^2 (docs/math.md)
     assert d0 - d1 == pytest.approx(q.h * q.alpha**2, rel=1e-9)
     assert f0 - f1 == pytest.approx(q.b * q.alpha - q.h * q.alpha**2 / 2, rel=1e-7, abs=1e-12 * abs(q.c))
 
@@ -347,7 +347,7 @@ def test_rules_default_to_the_default_options(rule):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.6 (bounds first): finite, in bounds, for any input whatsoever
+# Property 6 (bounds first): finite, in bounds, for any input whatsoever
 #
 # Note [one input, every rule]: generating an example costs far more than evaluating a rule,
 # so the properties shared by all rules check every rule on the same drawn input (the rule's
@@ -413,7 +413,7 @@ def test_one_update_changes_alpha_by_at_most_max_factor(pair, f0, f1, d0, d1):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 4: the non-convex fallback and the scale-free epsilon guard
+# The guards: the non-convex fallback and the scale-free epsilon guard
 # --------------------------------------------------------------------------------------------
 
 
@@ -495,7 +495,7 @@ def test_a_zero_direction_keeps_alpha_whatever_the_two_loss_values(rule, pair, f
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.2: scale invariance in the loss
+# Property 2: scale invariance in the loss
 # --------------------------------------------------------------------------------------------
 
 
@@ -534,7 +534,7 @@ def test_scaling_the_loss_by_any_positive_constant_leaves_the_proposal_unchanged
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.1: exact on quadratic lines
+# Property 1: exact on quadratic lines
 # --------------------------------------------------------------------------------------------
 
 
@@ -564,7 +564,7 @@ def test_each_rules_slope_form_agrees_with_it_on_a_quadratic_line_and_ignores_th
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.3: D1 = 0 is a fixed point of the Newton rules
+# Property 3: D1 = 0 is a fixed point of the Newton rules
 # --------------------------------------------------------------------------------------------
 
 
@@ -579,7 +579,7 @@ def test_a_zero_lookahead_slope_leaves_alpha_unchanged(pair, f0, f1, d0, d1):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.4: direction
+# Property 4: direction
 # --------------------------------------------------------------------------------------------
 
 
@@ -637,7 +637,7 @@ def test_every_rule_moves_alpha_toward_the_minimiser_of_a_quadratic_line(q, gamm
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC 5.5: gamma -> 0 and smoothing -> 1 leave alpha (nearly) unchanged
+# Property 5: gamma -> 0 and smoothing -> 1 leave alpha (nearly) unchanged
 # --------------------------------------------------------------------------------------------
 
 TINY = 1e-12

@@ -21,7 +21,7 @@ from newt._state import Pending, State
 from newt.modes.base import Mode
 from newt.modes.noise import Restore
 from newt.pipeline.decide import Measured, decide
-from newt.pipeline.gather import Gathered, checked_loss, gather, loss_eps, loss_tensor
+from newt.pipeline.gather import Gathered, as_float64, checked_loss, gather, loss_eps
 from newt.pipeline.measure import Measurer
 from newt.policies import is_spike, loss_resolution, next_batch_verdict
 
@@ -51,7 +51,7 @@ class ClosureFree(Mode):
     def step(self, state: State, loss: torch.Tensor | float | None) -> None:
         self._check_strategy()
         if loss is not None:
-            checked_loss(loss, "loss=")  # on every step, though it is read only at the start
+            loss = checked_loss(loss, "loss=")  # on every step, though it is read only at the start
         gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT, self.measurer.dtensors)
         grads = gathered.grads()
         if self.stops_before_step(state, None, gathered):
@@ -100,7 +100,7 @@ class ClosureFree(Mode):
         if loss is None:
             return None, None, False
         if self.settings.start.on_probation(state):
-            loss_value, undone = self._start_test(state, loss_tensor(loss, "loss="), loss_eps(loss), pending, gathered)
+            loss_value, undone = self._start_test(state, as_float64(loss), loss_eps(loss), pending, gathered)
             return loss_value, None, undone
         return None, (loss if self.settings.blow_up.active else None), False
 
@@ -133,7 +133,7 @@ class ClosureFree(Mode):
         if count != self.settings.update_every:
             return (block_d0, block_d1, count), False, False
         # The loss rides along in the transfer the measurements make anyway: no extra sync.
-        losses = [] if watched is None else [loss_tensor(watched, "loss=").reshape(1).to(d1.device)]
+        losses = [] if watched is None else [as_float64(watched).reshape(1).to(d1.device)]
         values = self.measurer.reduce(torch.cat([*losses, block_d0.to(d1.device), block_d1]), len(losses))
         f = values.pop(0) if losses else math.nan
         n = len(gathered.units)

@@ -12,7 +12,7 @@ import torch
 from newt._rates import Rates
 from newt.distributed import local_tensor
 
-__all__ = ["Gathered", "checked_loss", "first_call", "gather", "loss_eps", "loss_tensor"]
+__all__ = ["Gathered", "as_float64", "checked_loss", "first_call", "gather", "loss_eps", "loss_tensor"]
 
 
 @dataclass(slots=True)
@@ -111,7 +111,11 @@ def loss_tensor(loss: object, which: str) -> torch.Tensor:
     ``which`` names the closure call ("first", "second (lookahead)"), or is ``"loss="`` for the
     value given to a closure-free ``step``.
     """
-    loss = checked_loss(loss, which)
+    return as_float64(checked_loss(loss, which))
+
+
+def as_float64(loss: torch.Tensor | numbers.Real) -> torch.Tensor:
+    """A checked loss (see :func:`checked_loss`) as a detached float64 scalar tensor (no host sync)."""
     if isinstance(loss, torch.Tensor):
         return loss.detach().reshape(()).to(torch.float64)
     return torch.tensor(float(loss), dtype=torch.float64)
