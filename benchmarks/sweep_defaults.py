@@ -7,14 +7,13 @@ Run ``python -m benchmarks.sweep_defaults`` (several minutes on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
-import math
 
 from benchmarks.demo import train
+from newt import Policies
 
-# Measured before the loss-spike policy, the start-up Armijo test, the noise correction and the
-# hold on uphill steps existed: they are off here so the table in docs/benchmarks.md stays
-# reproducible (benchmarks/spike_policy.py measures the policy, and the robustness sweep the others).
-OFF = dict(spike_threshold=math.inf, start_armijo=0.0, noise_correction=0.0, hold_on_ascent=False)
+# The rules and their options alone: every policy is off (benchmarks/spike_policy.py measures the
+# spike policy, and the robustness sweep the others).
+OFF = dict(policies=Policies.off())
 CONFIGS = {
     "taylor g=0.5 mf=10": dict(strategy="taylor", gamma=0.5, max_factor=10.0, **OFF),
     "taylor g=0.5 mf=2": dict(strategy="taylor", gamma=0.5, max_factor=2.0, **OFF),

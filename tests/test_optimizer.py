@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from newt import Decision, Newt, StepInfo
+from newt import Decision, Newt, Policies, StepInfo
 from tests.devices import DEVICES
 from tests.reference import random_quadratic, reference_measurements
 
@@ -140,15 +140,14 @@ def _train(opt_factory, steps, seed=0, record=None):
 def _frozen_newt(inner_cls, lr, **kwargs):
     # gamma ~ 0 makes every proposal alpha * (1 + tiny) == alpha; alpha_max pins it from above.
     # A loss spike or a first step short of Armijo's condition is undone whatever gamma says:
-    # spike_threshold and start_armijo turn those policies off.
+    # every policy is off.
     return lambda model: Newt(
         inner_cls(model.parameters(), lr=lr, **kwargs),
         strategy="retsinas",
+        policies=Policies.off(),
         gamma=1e-300,
         alpha_min=lr / 2,
         alpha_max=lr,
-        spike_threshold=math.inf,
-        start_armijo=0.0,
     )
 
 
@@ -540,3 +539,38 @@ def test_tensor_learning_rate_is_updated_in_place():
     assert opt.param_groups[0]["lr"] is lr
     assert float(lr) == pytest.approx(opt.step_info.alpha_next, rel=1e-6)  # stored in the tensor's float32
     assert opt.step_info.alpha_next != 0.01
+
+
+_HOOK_CALLS: list[int] = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _HOOK_CALLS.append(id(optimizer))
+
+
+def test_a_pickled_newt_keeps_its_hooks_and_trains_on_like_the_original():
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-2))
+    opt.register_step_post_hook(_count_step)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure_of(m, o):
+        def closure():
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt.step(closure_of(model, opt))
+    twin_model, twin = pickle.loads(pickle.dumps((model, opt)))
+    opt.step(closure_of(model, opt))
+    _HOOK_CALLS.clear()
+    twin.step(closure_of(twin_model, twin))
+    assert _HOOK_CALLS == [id(twin)]  # torch's __setstate__ ran: the hooks and the patched step survive
+    assert torch.equal(model.weight, twin_model.weight) and twin.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert twin.step_info == opt.step_info
