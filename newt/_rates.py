@@ -106,6 +106,8 @@ class Rates:
         usual single-rate case involves no rounding.
         """
         old = self.groups[reference].adapted
+        if adapted_next == old:  # nothing changes (also the only case where old may be 0)
+            return
         factor = adapted_next / old
         for rate in self.groups:
             rate.adapted = adapted_next if rate.adapted == old else rate.adapted * factor

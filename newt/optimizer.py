@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
+from newt import _checkpoint as checkpoint
 from newt._noise import NoiseEstimate
 from newt._state import State
 from newt.distributed import local_tensor
 from newt.modes import ClosureFree, Lazy, Lookahead, Settings
 from newt.modes.lazy import DEFERRAL
-from newt.options import Policies, RuleOptions, check_group_lr, check_inner, check_option, merged
+from newt.options import Policies, RuleOptions, check_group, check_initial_rate, check_inner, check_option, merged
 from newt.pipeline.gather import checked_loss
 from newt.pipeline.measure import Measurer
 from newt.step_info import GroupStepInfo, StepInfo
@@ -75,8 +76,8 @@ class Newt(torch.optim.Optimizer):
         foreach: bool = True,
         **options: Any,
     ) -> None:
-        check_inner(inner)
         rule_options, policies = merged(rule_options, policies, options)
+        check_inner(inner, rule_options)
         settings = Settings.build(strategy, rule_options, policies, update_every, per_group, grad_scaler)
         measurer = Measurer(check_option("foreach", foreach), process_group)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
@@ -86,9 +87,6 @@ class Newt(torch.optim.Optimizer):
         self.defaults = inner.defaults
         self.param_groups = inner.param_groups
         self.state = inner.state
-        self.strategy = strategy
-        self.options = rule_options
-        self.policies = policies
         self._settings = settings
         self._measurer = measurer
         measurer.watch(self._params())
@@ -96,6 +94,7 @@ class Newt(torch.optim.Optimizer):
         self._closure_free = ClosureFree(inner, settings, measurer)
         self._state = State(noise=NoiseEstimate(policies.noise_correction))
         self._state.rates.sync(self.param_groups)
+        self._stepping = False  # a step is running: its closure must not call step() again
 
     # ------------------------------------------------------------------ the step
 
@@ -127,8 +126,15 @@ class Newt(torch.optim.Optimizer):
         closure, the inner step or the rule raises, the parameters are restored to
         ``theta_t`` and the exception propagates unchanged; the next ``step`` works as usual.
         """
+        if self._stepping:
+            raise RuntimeError(
+                "Newt.step was called from inside the closure of a step in progress: the closure "
+                "must only compute the loss and its gradients (zero_grad, forward, backward, return "
+                "the loss); call opt.step(closure) from the training loop."
+            )
         # The step works on a copy of Newt's state and keeps it only once nothing can raise.
         work, lrs, writes = self._state.copy(), _learning_rates(self.param_groups), self._measurer.writes
+        self._stepping = True
         try:
             result = self._step(work, closure, loss)
         except BaseException:
@@ -138,6 +144,8 @@ class Newt(torch.optim.Optimizer):
                 # noise probe, closure-free mode's last step) still needed: it is dropped.
                 self._state.probe = self._state.pending = None
             raise
+        finally:
+            self._stepping = False
         self._state = work
         return result
 
@@ -182,9 +190,25 @@ class Newt(torch.optim.Optimizer):
                 raises ``ValueError`` if it gets a closure or ``loss=`` as well.
         """
         loss = checked_loss(loss, "give_loss()")
-        self._state.given_loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        # a copy: a loop may overwrite its loss buffer before the step reads it
+        self._state.given_loss = loss.detach().clone() if isinstance(loss, torch.Tensor) else loss
 
     # ------------------------------------------------------------------ what a user may read
+
+    @property
+    def strategy(self) -> str | Callable[..., Any]:
+        """The strategy as given (a name or the custom rule)."""
+        return self._settings.strategy.source
+
+    @property
+    def options(self) -> RuleOptions:
+        """The rules' hyperparameters."""
+        return self._settings.checks.options
+
+    @property
+    def policies(self) -> Policies:
+        """The policies' thresholds and switches."""
+        return self._settings.policies
 
     @property
     def step_info(self) -> StepInfo | None:
@@ -235,8 +259,13 @@ class Newt(torch.optim.Optimizer):
             # Optimizer.__init__ registers its throwaway groups through this method.
             super().add_param_group(param_group)
             return
+        index = len(self.inner.param_groups)
+        # checked before it joins: a refused group must not stay behind in the inner optimizer
+        check_group({**self.inner.defaults, **param_group}, index)
+        lr = float(param_group.get("lr", self.inner.defaults.get("lr", 0.0)))
+        if lr > self.alpha:
+            check_initial_rate(lr, self.options)
         self.inner.add_param_group(param_group)
-        check_group_lr(self.inner.param_groups[-1], len(self.inner.param_groups) - 1)
         self._measurer.watch(self._params())
 
     def state_dict(self) -> dict[str, Any]:
@@ -261,7 +290,9 @@ class Newt(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the inner optimizer's state, the learning rates and Newt's own state.
 
-        A plain inner-optimizer state dict (without ``"newt"``) is accepted too.
+        A plain inner-optimizer state dict (without ``"newt"``) is accepted too. Newt's part is
+        checked before anything is loaded: a value it cannot resume from (a NaN rate, a
+        snapshot of other shapes) raises ``ValueError`` and leaves the optimizer as it was.
         """
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -269,38 +300,53 @@ class Newt(torch.optim.Optimizer):
                 state_dict = result
         state_dict = dict(state_dict)
         saved = state_dict.pop("newt", {})
+        state, buffer = self._loaded(saved, len(state_dict.get("param_groups", self.param_groups)))
         self.inner.load_state_dict(state_dict)
         # The inner optimizer rebuilt its containers: share the new ones.
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-        state = State(noise=NoiseEstimate(self.policies.noise_correction))
-        state.steps = int(saved.get("steps", 0))
-        state.rejected = int(saved.get("rejected", 0))
-        if "rates" in saved:
-            state.rates.load_state_dict(saved["rates"])
         state.rates.sync(self.param_groups)
-        for part in self._stateful():
-            part.load_state_dict(state, saved, self._restore_snapshot)
+        if buffer is not None:
+            self._measurer.load(*buffer)
         self._state = state
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _loaded(self, saved: dict[str, Any], n_groups: int) -> tuple[State, Any]:
+        """Newt's state read from a checkpoint's ``"newt"`` entry, checked, and the snapshot to load."""
+        state = State(noise=NoiseEstimate(self.policies.noise_correction))
+        state.steps = checkpoint.count(saved.get("steps", 0), "steps")
+        state.rejected = checkpoint.count(saved.get("rejected", 0), "rejected")
+        if "rates" in saved:
+            state.rates.load_state_dict(_checked_rates(saved["rates"], n_groups))
+        buffer: list[Any] = []
+
+        def restore(indices: Sequence[int], snapshot: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+            chosen = self._checked_snapshot(indices, snapshot, what)
+            buffer[:] = [[local_tensor(p) for p in chosen], snapshot]
+            return chosen
+
+        for part in self._stateful():
+            part.load_state_dict(state, saved, restore)
+        return state, buffer or None
 
     def _stateful(self) -> tuple[Any, ...]:
         """The parts that own a fragment of ``state_dict()["newt"]``, in the order they load."""
         settings = self._settings
         return (settings.start, self._closure_free, self._closure_mode.noise, DEFERRAL, settings.rise, settings.blow_up)
 
-    def _restore_snapshot(self, indices: Sequence[int], saved: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
-        """Load a checkpoint's snapshot of the parameters at ``indices``; return those parameters."""
+    def _checked_snapshot(self, indices: Sequence[int], saved: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """The parameters at ``indices``, once the checkpoint's snapshot of them is seen to fit them."""
         params = self._params()
-        indices = [int(i) for i in indices]
+        indices = [checkpoint.count(i, f"{what} indices") for i in indices]
         if len(indices) != len(saved) or any(i >= len(params) for i in indices):
-            raise ValueError(
+            raise checkpoint.CheckpointError(
                 f"the checkpoint's {what} does not match this optimizer's parameters: "
                 "load it into an optimizer built over the same parameters, in the same order."
             )
         chosen = [params[i] for i in indices]
-        self._measurer.load([local_tensor(p) for p in chosen], saved)
+        for p, tensor in zip(chosen, saved):
+            checkpoint.tensor(tensor, f"{what} snapshot", shape=local_tensor(p).shape)
         return chosen
 
     def _params(self) -> list[torch.Tensor]:
@@ -327,3 +373,20 @@ def _restore_learning_rates(param_groups: Sequence[dict[str, Any]], rates: Seque
             group["lr"].fill_(rate)
         else:
             group["lr"] = rate
+
+
+def _checked_rates(saved: Any, n_groups: int) -> list[list[float]]:
+    """The rates of a checkpoint: per group the adapted rate, the scheduler's factor and the rate
+    last written, finite and >= 0, one per param group, some adapted rate positive."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != n_groups:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's newt.rates has {len(saved) if isinstance(saved, (list, tuple)) else saved!r} "
+            f"entries for {n_groups} param groups: load it into an optimizer over the same param groups."
+        )
+    rates = [checkpoint.numbers_list(rate, "rates", length=3, low=0.0) for rate in saved]
+    if rates and max(rate[0] for rate in rates) <= 0.0:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's newt.rates are {rates}: every adapted rate is 0, so no step could "
+            "move the parameters. Load a state_dict saved by Newt."
+        )
+    return rates

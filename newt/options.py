@@ -16,6 +16,7 @@ which values each option accepts.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -33,7 +34,9 @@ __all__ = [
     "OptionSpec",
     "Policies",
     "RuleOptions",
+    "check_group",
     "check_group_lr",
+    "check_initial_rate",
     "check_inner",
     "check_option",
     "merged",
@@ -270,8 +273,14 @@ def merged(
     return rule_options, policies
 
 
-def check_inner(inner: object) -> None:
-    """Refuse an inner optimizer ``Newt`` cannot wrap, saying why and what to do."""
+def check_inner(inner: object, options: RuleOptions = DEFAULT_OPTIONS) -> None:
+    """Refuse an inner optimizer ``Newt`` cannot wrap, saying why and what to do.
+
+    Raises:
+        TypeError: ``inner`` is not an optimizer, is a ``Newt``, or its ``step`` needs a closure.
+        ValueError: A param group cannot be adapted (see :func:`check_group`), every group has
+            ``lr=0``, or the largest initial rate is outside ``[alpha_min, alpha_max]``.
+    """
     from newt.optimizer import Newt  # the optimizer module imports this one
 
     if isinstance(inner, Newt):
@@ -281,16 +290,46 @@ def check_inner(inner: object) -> None:
             f"Newt wraps a torch.optim.Optimizer, got {type(inner).__name__}. Build the inner "
             "optimizer first, e.g. Newt(torch.optim.Adam(model.parameters(), lr=1e-3))."
         )
+    closure = inspect.signature(type(inner).step).parameters.get("closure")
+    if isinstance(inner, torch.optim.LBFGS) or (closure is not None and closure.default is inspect.Parameter.empty):
+        raise TypeError(
+            f"{type(inner).__name__}.step needs a closure: it searches along its direction itself, "
+            "which is what Newt does around an optimizer that steps from the gradients alone. Wrap "
+            "an optimizer such as SGD, Adam or AdamW, or use the closure-needing optimizer on its own."
+        )
     for index, group in enumerate(inner.param_groups):
-        check_group_lr(group, index)
-        if group.get("differentiable", False):
-            raise ValueError(
-                f"param group {index} has differentiable=True: Newt steps under torch.no_grad() and "
-                "cannot differentiate through the inner step. Build the inner optimizer with "
-                "differentiable=False."
-            )
-    if max(float(g["lr"]) for g in inner.param_groups) <= 0.0:
+        check_group(group, index)
+    largest = max(float(g["lr"]) for g in inner.param_groups)
+    if largest <= 0.0:
         raise ValueError("every param group has lr=0: give at least one group a positive initial learning rate.")
+    check_initial_rate(largest, options)
+
+
+def check_initial_rate(lr: float, options: RuleOptions) -> None:
+    """The largest initial rate must lie in ``[alpha_min, alpha_max]``: Newt keeps its rate there."""
+    if not options.alpha_min <= lr <= options.alpha_max:
+        raise ValueError(
+            f"the largest initial learning rate is {lr!r}, outside [alpha_min, alpha_max] = "
+            f"[{options.alpha_min!r}, {options.alpha_max!r}], where Newt keeps its rate: give the "
+            "inner optimizer a rate inside it, or widen the bounds (rule_options or alpha_min=, alpha_max=)."
+        )
+
+
+def check_group(group: dict[str, Any], index: int) -> None:
+    """A param group Newt can adapt: a usable ``"lr"``, not ``differentiable``, not ``maximize``."""
+    check_group_lr(group, index)
+    if group.get("differentiable", False):
+        raise ValueError(
+            f"param group {index} has differentiable=True: Newt steps under torch.no_grad() and "
+            "cannot differentiate through the inner step. Build the inner optimizer with "
+            "differentiable=False."
+        )
+    if group.get("maximize", False):
+        raise ValueError(
+            f"param group {index} has maximize=True: Newt's measurements and rules minimise the "
+            "loss. Build the inner optimizer with maximize=False and let the closure return the "
+            "negated objective."
+        )
 
 
 def check_group_lr(group: dict[str, Any], index: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from newt import _checkpoint as checkpoint
 from newt._numerics import Decision, Proposal, all_finite, clamp_alpha
 from newt.options import RuleOptions
 
@@ -175,21 +176,6 @@ def loss_resolution(loss_eps: float, f0: float, f1: float) -> float:
 # ---------------------------------------------------------------------- the policy objects
 
 
-def _flag(saved: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = saved.get(key, default)
-    if not isinstance(value, bool):
-        raise ValueError(f"the checkpoint's newt.{key} is {value!r}: it must be True or False.")
-    return value
-
-
-def _loss(value: Any, key: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"the checkpoint's newt.{key} is {value!r}: it must be a finite number or None.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class SpikeTest:
     """A same-batch loss rise above ``threshold * |f0|`` shrinks the rate; undone if ``reject``."""
@@ -217,7 +203,7 @@ class StartTest:
 
     def load_state_dict(self, state: Any, saved: Mapping[str, Any], *context: Any) -> None:
         # checkpoints from before the start-up test: a run that took steps is past its start
-        state.start_proven = _flag(saved, "start_proven", state.steps > 0)
+        state.start_proven = checkpoint.flag(saved.get("start_proven", state.steps > 0), "start_proven")
 
 
 @dataclass(frozen=True)
@@ -239,7 +225,7 @@ class BlowUpCheck:
         return {"loss_reference": state.loss_reference}
 
     def load_state_dict(self, state: Any, saved: Mapping[str, Any], *context: Any) -> None:
-        state.loss_reference = _loss(saved.get("loss_reference"), "loss_reference")
+        state.loss_reference = checkpoint.number(saved.get("loss_reference"), "loss_reference", optional=True)
 
 
 @dataclass(frozen=True)
@@ -267,10 +253,7 @@ class RiseCheck:
 
     def load_state_dict(self, state: Any, saved: Mapping[str, Any], *context: Any) -> None:
         # absent from checkpoints made before the rise check: the window refills within RISE_WINDOW steps
-        recent = saved.get("recent_losses", [])
-        values = [_loss(x, "recent_losses") for x in recent] if isinstance(recent, (list, tuple)) else None
-        if values is None or any(v is None for v in values):
-            raise ValueError(f"the checkpoint's newt.recent_losses is {recent!r}: it must be a list of numbers.")
+        values = checkpoint.numbers_list(saved.get("recent_losses", []), "recent_losses")
         state.recent_losses = tuple(values)[-RISE_WINDOW:]
 
 

@@ -34,12 +34,14 @@ class Strategy:
         without_losses: The rule of a step that measures only the slopes; None when the
             strategy needs the loss values.
         given_loss: The rule of a closure-free step given its loss, with the blow-up check on.
+        source: The strategy as the user gave it.
     """
 
     name: str
     with_losses: RuleSpec
     without_losses: RuleSpec | None
     given_loss: RuleSpec | None
+    source: str | Callable[..., Any] = AUTO
 
 
 def resolve(strategy: str | Callable[..., Any]) -> Strategy:
@@ -52,7 +54,7 @@ def resolve(strategy: str | Callable[..., Any]) -> Strategy:
     names = ", ".join(map(repr, (AUTO, *STRATEGIES)))
     if isinstance(strategy, str):
         if strategy == AUTO:
-            return Strategy(AUTO, RULES["gen"], RULES["retsinas"], RULES["gen-slopes"])
+            return Strategy(AUTO, RULES["gen"], RULES["retsinas"], RULES["gen-slopes"], AUTO)
         if strategy not in STRATEGIES:
             raise ValueError(
                 f"unknown strategy {strategy!r}; valid names are {names}, "
@@ -60,8 +62,8 @@ def resolve(strategy: str | Callable[..., Any]) -> Strategy:
             )
         spec = RULES[strategy]
         loss_free = None if spec.loss_free is None else RULES[spec.loss_free]
-        return Strategy(strategy, spec, loss_free, loss_free)
+        return Strategy(strategy, spec, loss_free, loss_free, strategy)
     if callable(strategy):
         name = getattr(strategy, "__name__", "custom")
-        return Strategy(name, RuleSpec(name, guard_custom_rule(strategy)), None, None)
+        return Strategy(name, RuleSpec(name, guard_custom_rule(strategy)), None, None, strategy)
     raise TypeError(f"strategy must be one of {names} or a callable, got {strategy!r}.")

@@ -35,6 +35,7 @@ class Settings:
     update_every: int
     per_group: bool
     scaler: torch.amp.GradScaler | None
+    policies: Policies
 
     @classmethod
     def build(
@@ -81,7 +82,9 @@ class Settings:
             RiseCheck(policies.rise_threshold),
             BlowUpCheck(policies.blow_up_threshold),
         )
-        return cls(resolved, checks, start, rise, blow_up, policies.noise_correction, update_every, per_group, scaler)
+        return cls(
+            resolved, checks, start, rise, blow_up, policies.noise_correction, update_every, per_group, scaler, policies
+        )
 
 
 class Mode:

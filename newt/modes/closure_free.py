@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from newt import _checkpoint as checkpoint
 from newt._numerics import Decision
 from newt._state import Pending, State
+from newt.distributed import local_tensor
 from newt.modes.base import Mode
 from newt.modes.noise import Restore
 from newt.pipeline.decide import Measured, decide
@@ -130,7 +132,7 @@ class ClosureFree(Mode):
         block_d0 = pending.d0 if pending.block_d0 is None else pending.block_d0 + pending.d0
         block_d1 = d1 if pending.block_d1 is None else pending.block_d1 + d1
         count = pending.count + 1
-        if count != self.settings.update_every:
+        if count < self.settings.update_every:  # (a checkpoint of a longer block may resume past it)
             return (block_d0, block_d1, count), False, False
         # The loss rides along in the transfer the measurements make anyway: no extra sync.
         losses = [] if watched is None else [as_float64(watched).reshape(1).to(d1.device)]
@@ -245,24 +247,26 @@ class ClosureFree(Mode):
         }
 
     def load_state_dict(self, state: State, saved: Mapping[str, Any], restore: Restore) -> None:
-        given = saved.get("given_loss")  # absent from checkpoints made before give_loss()
-        state.given_loss = None if given is None else float(given)
+        # given_loss and the loss are absent from checkpoints made before the loss could be given
+        state.given_loss = checkpoint.number(saved.get("given_loss"), "given_loss", optional=True, finite=False)
         state.pending = None
         pending = saved.get("pending")
         if pending is None:
             return
         params = restore(pending["indices"], pending["snapshot"], "closure-free measurement")
-        device = self.measurer.buffer[0].device
+        device = local_tensor(params[0]).device
+        d0 = checkpoint.tensor(pending["d0"], "pending.d0")
+        units = d0.shape
 
-        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        def moved(tensor: torch.Tensor | None, key: str) -> torch.Tensor | None:
+            tensor = checkpoint.tensor(tensor, key, shape=units, optional=True)
             return None if tensor is None else tensor.to(device=device, copy=True)
 
-        loss = pending.get("loss")  # absent from checkpoints made before step(loss=...)
         state.pending = Pending(
             tuple(params),
-            moved(pending["d0"]),
-            moved(pending["block_d0"]),
-            moved(pending["block_d1"]),
-            int(pending["count"]),
-            None if loss is None else float(loss),
+            moved(d0, "pending.d0"),
+            moved(pending["block_d0"], "pending.block_d0"),
+            moved(pending["block_d1"], "pending.block_d1"),
+            checkpoint.count(pending["count"], "pending.count"),
+            checkpoint.number(pending.get("loss"), "pending.loss", optional=True, finite=False),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from newt import _checkpoint as checkpoint
 from newt._isolation import RngState, cuda_devices
 from newt._numerics import Proposal
 from newt._state import Deferred, State
@@ -93,11 +94,17 @@ class Deferral:
     @staticmethod
     def load_state_dict(state: State, saved: Mapping[str, Any], *context: Any) -> None:
         deferred = saved.get("deferred")
-        state.deferred = (
-            None
-            if deferred is None
-            else Deferred(tuple(int(g) for g in deferred[0]), tuple(float(a) for a in deferred[1]))
-        )
+        if deferred is None:
+            state.deferred = None
+            return
+        groups = [checkpoint.count(g, "deferred.groups") for g in deferred[0]]
+        alphas = checkpoint.numbers_list(deferred[1], "deferred.alphas", length=len(groups), low=0.0)
+        if any(g >= len(state.rates.groups) for g in groups):
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's newt.deferred names param groups {groups}, but it has "
+                f"{len(state.rates.groups)}: load it into an optimizer over the same param groups."
+            )
+        state.deferred = Deferred(tuple(groups), tuple(alphas))
 
 
 DEFERRAL = Deferral()

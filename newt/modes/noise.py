@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from newt import _checkpoint as checkpoint
 from newt._noise import NoiseEstimate
 from newt._state import NoiseProbe, State
 from newt.pipeline.gather import Gathered
@@ -91,16 +92,19 @@ class NoiseCorrection:
     def load_state_dict(self, state: State, saved: Mapping[str, Any], restore: Restore) -> None:
         """Load the fragment; ``restore(indices, snapshot, what)`` loads a snapshot, returns the parameters."""
         noise_state = saved.get("noise", {})
+        averages = [checkpoint.numbers_list(e, "noise.averages", length=3) for e in noise_state.get("averages", [])]
         state.noise = NoiseEstimate(self.cap)
-        state.noise.load_state_dict(noise_state.get("averages", []))
+        state.noise.load_state_dict(averages)
         state.probe = None
         probe = noise_state.get("probe")
         if probe is None:
             return
-        keys = tuple(int(k) for k in probe["keys"])
-        d0, d1 = tuple(float(v) for v in probe["d0"]), tuple(float(v) for v in probe["d1"])
+        keys = tuple(int(k) for k in checkpoint.numbers_list(probe["keys"], "noise.probe.keys", low=-1))
+        d0 = tuple(checkpoint.numbers_list(probe["d0"], "noise.probe.d0", length=len(keys)))
+        d1 = tuple(checkpoint.numbers_list(probe["d1"], "noise.probe.d1", length=len(keys)))
         if "fresh" in probe:
-            state.probe = NoiseProbe((), keys, d0, d1, probe["fresh"].clone())
+            fresh = checkpoint.tensor(probe["fresh"], "noise.probe.fresh", shape=(len(keys),))
+            state.probe = NoiseProbe((), keys, d0, d1, fresh.clone())
             return
         params = restore(probe["indices"], probe["snapshot"], "noise measurement")
         state.probe = NoiseProbe(tuple(params), keys, d0, d1)

@@ -55,8 +55,7 @@ def gather(
     parameters themselves, and looking for shards is skipped).
 
     Raises:
-        RuntimeError: No parameter has a gradient, a gradient is sparse, or (``per_group``) no
-            group with gradients has a nonzero rate.
+        RuntimeError: No parameter has a gradient, or a gradient is sparse.
     """
     active = [p for group in param_groups for p in group["params"] if p.grad is not None]
     if not active:
@@ -69,7 +68,9 @@ def gather(
     local = [local_tensor(p) for p in active] if dtensors else active
     groups = rates.groups
     if not per_group:
-        reference = max(range(len(groups)), key=lambda g: groups[g].used)
+        # the group with the largest rate; with every rate used at 0 (a schedule at 0), the
+        # largest adapted one, so that the step keeps the rates it cannot measure
+        reference = max(range(len(groups)), key=lambda g: (groups[g].used, groups[g].adapted))
         return Gathered(active, local, [list(range(len(active)))], [reference], dtensors)
     units = _units_per_group(param_groups, active, rates)
     order = sorted(units)
@@ -79,15 +80,17 @@ def gather(
 def _units_per_group(
     param_groups: Sequence[dict[str, Any]], active: list[torch.Tensor], rates: Rates
 ) -> dict[int, list[int]]:
-    """Group index -> positions in ``active``, for every group that has gradients and a nonzero rate."""
+    """Group index -> positions in ``active``, for every group that has gradients and a nonzero rate
+    (every group that has gradients, when none has a nonzero rate)."""
     group_of = {id(p): g for g, group in enumerate(param_groups) for p in group["params"]}
     units: dict[int, list[int]] = {}
     for position, p in enumerate(active):
         g = group_of[id(p)]
         if rates.groups[g].used > 0.0:
             units.setdefault(g, []).append(position)
-    if not units:
-        raise RuntimeError("no param group with gradients has a nonzero learning rate: nothing to adapt.")
+    if not units:  # a schedule at 0 everywhere: a plain step, whose rates stay as they are
+        for position, p in enumerate(active):
+            units.setdefault(group_of[id(p)], []).append(position)
     return units
 
 
@@ -117,7 +120,8 @@ def loss_tensor(loss: object, which: str) -> torch.Tensor:
 def as_float64(loss: torch.Tensor | numbers.Real) -> torch.Tensor:
     """A checked loss (see :func:`checked_loss`) as a detached float64 scalar tensor (no host sync)."""
     if isinstance(loss, torch.Tensor):
-        return loss.detach().reshape(()).to(torch.float64)
+        # a copy even of a float64 loss: a closure may overwrite its loss buffer on the next call
+        return loss.detach().reshape(()).to(torch.float64, copy=True)
     return torch.tensor(float(loss), dtype=torch.float64)
 
 
