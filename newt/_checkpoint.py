@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "count", "flag", "number", "numbers_list", "tensor"]
+__all__ = ["CheckpointError", "count", "flag", "number", "numbers_list", "rates", "tensor"]
 
 
 class CheckpointError(ValueError):
@@ -74,3 +74,20 @@ def tensor(value: Any, key: str, *, shape: Sequence[int] | None = None, optional
     if not bool(torch.isfinite(value).all()):
         raise _fail(key, value, "finite")
     return value
+
+
+def rates(saved: Any, n_groups: int) -> list[list[float]]:
+    """The rates of a checkpoint: per group the adapted rate, the scheduler's factor and the rate
+    last written, finite and >= 0, one per param group, some adapted rate positive."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != n_groups:
+        raise CheckpointError(
+            f"the checkpoint's newt.rates has {len(saved) if isinstance(saved, (list, tuple)) else saved!r} "
+            f"entries for {n_groups} param groups: load it into an optimizer over the same param groups."
+        )
+    rates = [numbers_list(rate, "rates", length=3, low=0.0) for rate in saved]
+    if rates and max(rate[0] for rate in rates) <= 0.0:
+        raise CheckpointError(
+            f"the checkpoint's newt.rates are {rates}: every adapted rate is 0, so no step could "
+            "move the parameters. Load a state_dict saved by Newt."
+        )
+    return rates

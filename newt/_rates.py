@@ -117,3 +117,17 @@ class Rates:
 
     def load_state_dict(self, state: Sequence[Sequence[float]]) -> None:
         self.groups = [GroupRate(float(a), float(m), float(w)) for a, m, w in state]
+
+
+def learning_rates(param_groups: Sequence[dict[str, Any]]) -> list[float]:
+    """Every group's ``"lr"`` as a float (to put back after a step that failed)."""
+    return [float(group["lr"]) for group in param_groups]
+
+
+def restore_learning_rates(param_groups: Sequence[dict[str, Any]], rates: Sequence[float]) -> None:
+    """Put back the rates a failed step found (tensor rates in place)."""
+    for group, rate in zip(param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate

@@ -9,6 +9,7 @@ import torch
 
 from newt import _checkpoint as checkpoint
 from newt._noise import NoiseEstimate
+from newt._rates import learning_rates, restore_learning_rates
 from newt._state import State
 from newt.distributed import local_tensor
 from newt.modes import ClosureFree, Lazy, Lookahead, Settings
@@ -123,9 +124,12 @@ class Newt(torch.optim.Optimizer):
         After the step the parameters' ``.grad`` hold the gradients of the lookahead point (of
         ``theta_t`` on plain steps, on steps stopped before the inner step, and closure-free).
         A rejected step (``step_info.rejected``) leaves the parameters at ``theta_t``. If the
-        closure, the inner step or the rule raises, the parameters are restored to
-        ``theta_t`` and the exception propagates unchanged; the next ``step`` works as usual.
+        closure, the inner step or the rule raises, the exception propagates unchanged, and
+        the parameters, the rates and Newt's own state are as before (``docs/reliability.md``).
         """
+        return self._transaction(closure, loss)
+
+    def _transaction(self, closure: Closure | None, loss: torch.Tensor | float | None) -> Any:
         if self._stepping:
             raise RuntimeError(
                 "Newt.step was called from inside the closure of a step in progress: the closure "
@@ -133,12 +137,12 @@ class Newt(torch.optim.Optimizer):
                 "the loss); call opt.step(closure) from the training loop."
             )
         # The step works on a copy of Newt's state and keeps it only once nothing can raise.
-        work, lrs, writes = self._state.copy(), _learning_rates(self.param_groups), self._measurer.writes
+        work, lrs, writes = self._state.copy(), learning_rates(self.param_groups), self._measurer.writes
         self._stepping = True
         try:
             result = self._step(work, closure, loss)
         except BaseException:
-            _restore_learning_rates(self.param_groups, lrs)
+            restore_learning_rates(self.param_groups, lrs)
             if self._measurer.writes != writes:
                 # The step's snapshot overwrote theta_{t-1}, which a measurement in progress (the
                 # noise probe, closure-free mode's last step) still needed: it is dropped.
@@ -318,7 +322,7 @@ class Newt(torch.optim.Optimizer):
         state.steps = checkpoint.count(saved.get("steps", 0), "steps")
         state.rejected = checkpoint.count(saved.get("rejected", 0), "rejected")
         if "rates" in saved:
-            state.rates.load_state_dict(_checked_rates(saved["rates"], n_groups))
+            state.rates.load_state_dict(checkpoint.rates(saved["rates"], n_groups))
         buffer: list[Any] = []
 
         def restore(indices: Sequence[int], snapshot: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -360,33 +364,3 @@ class Newt(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"Newt(strategy={self._settings.strategy.name!r}, options={self.options}, inner={self.inner!r})"
-
-
-def _learning_rates(param_groups: Sequence[dict[str, Any]]) -> list[float]:
-    return [float(group["lr"]) for group in param_groups]
-
-
-def _restore_learning_rates(param_groups: Sequence[dict[str, Any]], rates: Sequence[float]) -> None:
-    """Put back the rates a failed step found (tensor rates in place)."""
-    for group, rate in zip(param_groups, rates):
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(rate)
-        else:
-            group["lr"] = rate
-
-
-def _checked_rates(saved: Any, n_groups: int) -> list[list[float]]:
-    """The rates of a checkpoint: per group the adapted rate, the scheduler's factor and the rate
-    last written, finite and >= 0, one per param group, some adapted rate positive."""
-    if not isinstance(saved, (list, tuple)) or len(saved) != n_groups:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's newt.rates has {len(saved) if isinstance(saved, (list, tuple)) else saved!r} "
-            f"entries for {n_groups} param groups: load it into an optimizer over the same param groups."
-        )
-    rates = [checkpoint.numbers_list(rate, "rates", length=3, low=0.0) for rate in saved]
-    if rates and max(rate[0] for rate in rates) <= 0.0:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's newt.rates are {rates}: every adapted rate is 0, so no step could "
-            "move the parameters. Load a state_dict saved by Newt."
-        )
-    return rates
