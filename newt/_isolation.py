@@ -40,12 +40,14 @@ def cuda_devices(params: Sequence[torch.Tensor]) -> list[torch.device]:
     return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
 
 
-@contextlib.contextmanager
-def frozen_module_buffers() -> Iterator[None]:
-    """Undo, on exit, every change the enclosed forward passes make to module buffers."""
-    saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
+class BufferRecord:
+    """The module buffers as they were before the forward passes run while recording."""
 
-    def remember(module: nn.Module, args: object) -> None:
+    def __init__(self) -> None:
+        self._saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
+
+    def remember(self, module: nn.Module, args: object) -> None:
+        saved = self._saved
         if id(module) in saved:  # saved with its whole subtree: nothing new below it
             return
         # The whole subtree, not just the module called: inside a torch.compile'd graph the
@@ -58,17 +60,36 @@ def frozen_module_buffers() -> Iterator[None]:
                 [(name, buf, buf.detach().clone()) for name, buf in sub._buffers.items() if buf is not None],
             )
 
-    handle = nn.modules.module.register_module_forward_pre_hook(remember)
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every recorded buffer back as it was."""
+        for module, entries in self._saved.values():
+            for name, original, copy in entries:
+                if module._buffers.get(name) is not original:  # a forward that rebinds, not mutates
+                    module._buffers[name] = original
+                original.copy_(copy)
+
+
+@contextlib.contextmanager
+def recorded_module_buffers() -> Iterator[BufferRecord]:
+    """Record the module buffers the enclosed forward passes are about to change (BatchNorm's
+    running statistics), so that the caller can put them back with ``restore()``."""
+    record = BufferRecord()
+    handle = nn.modules.module.register_module_forward_pre_hook(record.remember)
     try:
-        yield
+        yield record
     finally:
         handle.remove()
-        with torch.no_grad():
-            for module, entries in saved.values():
-                for name, original, copy in entries:
-                    if module._buffers.get(name) is not original:  # a forward that rebinds, not mutates
-                        module._buffers[name] = original
-                    original.copy_(copy)
+
+
+@contextlib.contextmanager
+def frozen_module_buffers() -> Iterator[None]:
+    """Undo, on exit, every change the enclosed forward passes make to module buffers."""
+    with recorded_module_buffers() as record:
+        try:
+            yield
+        finally:
+            record.restore()
 
 
 @contextlib.contextmanager

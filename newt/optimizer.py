@@ -44,6 +44,9 @@ class Newt(torch.optim.Optimizer):
         update_every: Adapt the rate every ``update_every`` steps only (lazy mode with a
             closure; blocks of steps closure-free).
         per_group: Adapt each param group's rate from its own slopes (``retsinas``, ``gen``).
+        max_grad_norm: Clip the gradients the inner step uses to this total norm, as
+            ``torch.nn.utils.clip_grad_norm_`` would; the rule still measures the unclipped
+            gradients (clipping inside the closure would clip the two calls differently).
         policies: The policies' thresholds (:class:`newt.Policies`; ``Policies.off()``: none).
         rule_options: The rules' hyperparameters (:class:`newt.RuleOptions`).
         grad_scaler: The ``torch.amp.GradScaler`` of an fp16 loop (whose own ``step`` refuses
@@ -70,6 +73,7 @@ class Newt(torch.optim.Optimizer):
         *,
         update_every: int = 1,
         per_group: bool = False,
+        max_grad_norm: float | None = None,
         policies: Policies | None = None,
         rule_options: RuleOptions | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -79,7 +83,7 @@ class Newt(torch.optim.Optimizer):
     ) -> None:
         rule_options, policies = merged(rule_options, policies, options)
         check_inner(inner, rule_options)
-        settings = Settings.build(strategy, rule_options, policies, update_every, per_group, grad_scaler)
+        settings = Settings.build(strategy, rule_options, policies, update_every, per_group, grad_scaler, max_grad_norm)
         measurer = Measurer(check_option("foreach", foreach), process_group)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
         # replaced right after by the inner optimizer's own list (see add_param_group).

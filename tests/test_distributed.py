@@ -40,7 +40,7 @@ GLOBAL_BATCH = 32
 class Config:
     wrapper: str  # "ddp" or "fsdp"
     strategy: str
-    mode: str  # "lookahead", "lazy", "lazy-rise", "closure-free" or "closure-free-loss" (step(loss=...))
+    mode: str  # "lookahead", "lookahead-clip", "lazy", "lazy-rise", "closure-free" or "closure-free-loss"
 
     @property
     def id(self) -> str:
@@ -50,6 +50,8 @@ class Config:
         options = {"strategy": self.strategy}
         if self.mode in ("lazy", "lazy-rise"):
             options["update_every"] = 3
+        if self.mode == "lookahead-clip":  # Newt's own clipping, which bites at every step here
+            options["max_grad_norm"] = 0.01
         return options
 
 
@@ -58,6 +60,7 @@ CONFIGS = [
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "taylor", "gen") for m in ("lookahead", "lazy")),
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "gen") for m in FREE_MODES),
     *(Config(w, "gen", "lazy-rise") for w in ("ddp", "fsdp")),
+    *(Config(w, "gen", "lookahead-clip") for w in ("ddp", "fsdp")),
 ]
 # FSDP2 became public as torch.distributed.fsdp.fully_shard after torch 2.4, whose private one
 # (torch.distributed._composable.fsdp) asks for CUDA streams even on a gloo CPU mesh.

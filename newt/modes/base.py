@@ -9,11 +9,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from newt._isolation import BufferRecord, recorded_module_buffers
 from newt._numerics import Decision, Proposal
 from newt._state import State
 from newt.options import Policies, RuleOptions, check_option
 from newt.pipeline.decide import Checks, Measured, shrunk
-from newt.pipeline.gather import Gathered
+from newt.pipeline.gather import Gathered, first_call
 from newt.pipeline.measure import Measurer
 from newt.pipeline.record import record, record_plain
 from newt.policies import AscentHold, BlowUpCheck, NonfiniteCheck, RiseCheck, SpikeTest, StartTest
@@ -36,6 +37,7 @@ class Settings:
     per_group: bool
     scaler: torch.amp.GradScaler | None
     policies: Policies
+    max_grad_norm: float | None = None
 
     @classmethod
     def build(
@@ -46,6 +48,7 @@ class Settings:
         update_every: object,
         per_group: object,
         grad_scaler: object,
+        max_grad_norm: object = None,
     ) -> Settings:
         """The options resolved once: the strategy's rules, the policy objects, the step's structure.
 
@@ -82,8 +85,19 @@ class Settings:
             RiseCheck(policies.rise_threshold),
             BlowUpCheck(policies.blow_up_threshold),
         )
+        clip = None if max_grad_norm is None else check_option("max_grad_norm", max_grad_norm)
         return cls(
-            resolved, checks, start, rise, blow_up, policies.noise_correction, update_every, per_group, scaler, policies
+            resolved,
+            checks,
+            start,
+            rise,
+            blow_up,
+            policies.noise_correction,
+            update_every,
+            per_group,
+            scaler,
+            policies,
+            clip,
         )
 
 
@@ -110,10 +124,23 @@ class Mode:
     def step(self, state: State, closure_or_loss: Any) -> Any:  # pragma: no cover - every mode overrides it
         raise NotImplementedError
 
-    def stops_before_step(self, state: State, f0: torch.Tensor | None, gathered: Gathered) -> bool:
+    def first_call(self, closure: Callable[[], Any]) -> tuple[Any, torch.Tensor, BufferRecord | None]:
+        """The closure at ``theta_t``: its return value, the loss, and (when non-finite steps are
+        rejected) the module buffers as they were before it, to put back if the step is."""
+        if not self.settings.checks.nonfinite.reject:
+            return (*first_call(closure), None)
+        with recorded_module_buffers() as record:
+            loss, f0 = first_call(closure)
+        return loss, f0, record
+
+    def stops_before_step(
+        self, state: State, f0: torch.Tensor | None, gathered: Gathered, buffers: BufferRecord | None = None
+    ) -> bool:
         """Unscale the gradients (with a GradScaler) and check ``theta_t``'s numbers.
 
         Returns True when the step stopped here, before the inner step, with ``state.info`` set.
+        A step stopped for a non-finite loss or gradient also puts back ``buffers`` (BatchNorm's
+        statistics of a batch that went wrong).
         """
         scaler, measurer = self.settings.scaler, self.measurer
         if scaler is not None:
@@ -126,6 +153,8 @@ class Mode:
                 return True
         if self.settings.checks.nonfinite.reject and not measurer.finite(f0, gathered.grads()):
             # Nothing has moved yet: skipping the inner step keeps its state clean too.
+            if buffers is not None:
+                buffers.restore()
             self.record_stop(state, f0, gathered, self.shrunk(state, gathered.unit_groups, Decision.NONFINITE))
             return True
         return False
@@ -164,12 +193,27 @@ class Mode:
     def record_plain(self, state: State, f0: float) -> None:
         record_plain(state, self.param_groups, self.settings.per_group, self.settings.update_every, f0)
 
-    def inner_step(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Snapshot ``theta_t`` and run the inner step; on any exception restore ``theta_t``."""
+    def clipped(self, gathered: Gathered) -> torch.Tensor | None:
+        """Clip the gradients the inner step is about to use to ``max_grad_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_`` does), and return the factor they were scaled by, so
+        that a slope measured with them can be divided back to the unclipped gradient's."""
+        max_norm = self.settings.max_grad_norm
+        if max_norm is None:
+            return None
+        total = torch.nn.utils.clip_grad_norm_(gathered.active, max_norm, foreach=self.measurer.foreach)
+        if hasattr(total, "full_tensor"):  # DTensor gradients (FSDP2): the norm of the whole
+            total = total.full_tensor()
+        return (max_norm / (total.to(torch.float64) + 1e-6)).clamp(max=1.0)
+
+    def inner_step(self, gathered: Gathered) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Snapshot ``theta_t``, clip (with ``max_grad_norm``) and run the inner step; on any
+        exception restore ``theta_t``. Returns the snapshot and the clipping factor."""
+        local = gathered.local
         snapshot = self.measurer.snapshot(local)
         try:
+            clip = self.clipped(gathered)
             self.inner.step()
         except BaseException:
             self.measurer.restore(local)
             raise
-        return snapshot
+        return snapshot, clip

@@ -70,11 +70,13 @@ class ClosureFree(Mode):
         if undone:
             return None
         try:
-            self.inner_step(gathered.local)
+            _, clip = self.inner_step(gathered)
         except BaseException:
             state.pending = None
             raise
         d0 = self.measurer.dots(grads, gathered.local, gathered.units)
+        if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
+            d0 = d0 / clip
         state.pending = Pending(tuple(gathered.active), d0, *block, loss_value)
         if not adapted:
             self.record_plain(state, math.nan)

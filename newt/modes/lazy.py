@@ -11,7 +11,7 @@ from newt._isolation import RngState, cuda_devices
 from newt._numerics import Proposal
 from newt._state import Deferred, State
 from newt.modes.lookahead import NO_GRADIENT, Lookahead
-from newt.pipeline.gather import first_call, gather
+from newt.pipeline.gather import gather
 from newt.policies import RiseCheck
 
 __all__ = ["DEFERRAL", "Lazy"]
@@ -39,9 +39,9 @@ class Lazy(Lookahead):
         watching = settings.rise.active
         # the RNG state a lookahead would replay, in case this step turns into one
         rng_at_start = RngState(cuda_devices(params)) if watching else None
-        loss, f0 = first_call(closure)
+        loss, f0, buffers = self.first_call(closure)
         gathered = gather(self.param_groups, state.rates, settings.per_group, NO_GRADIENT, self.measurer.dtensors)
-        if self.stops_before_step(state, f0, gathered):
+        if self.stops_before_step(state, f0, gathered, buffers):
             return loss
         if watching:
             # every rank must take the same branch: the decision reads the batch's mean loss
@@ -53,7 +53,7 @@ class Lazy(Lookahead):
         state.recent_losses = RiseCheck.remembered(state.recent_losses, f0_value)
         if state.probe is not None and state.probe.fresh is None:  # right after a lookahead step
             state.probe = self.noise.fresh_probe(state, gathered, gathered.grads(), self.measurer)
-        self.inner_step(gathered.local)
+        self.inner_step(gathered)
         self.record_plain(state, f0_value)
         return loss
 

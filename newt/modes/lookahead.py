@@ -14,7 +14,7 @@ from newt._state import NoiseProbe, State
 from newt.modes.base import Mode, Settings
 from newt.modes.noise import NoiseCorrection
 from newt.pipeline.decide import Measured, Verdict, decide
-from newt.pipeline.gather import Gathered, first_call, gather, loss_eps, loss_tensor
+from newt.pipeline.gather import Gathered, gather, loss_eps, loss_tensor
 from newt.pipeline.measure import Measurer
 from newt.policies import RiseCheck
 
@@ -46,9 +46,9 @@ class Lookahead(Mode):
     def step(self, state: State, closure: Callable[[], Any]) -> Any:
         params = [p for group in self.param_groups for p in group["params"]]
         rng_at_start = RngState(cuda_devices(params))
-        loss, f0 = first_call(closure)
+        loss, f0, buffers = self.first_call(closure)
         gathered = gather(self.param_groups, state.rates, self.settings.per_group, NO_GRADIENT, self.measurer.dtensors)
-        if self.stops_before_step(state, f0, gathered):
+        if self.stops_before_step(state, f0, gathered, buffers):
             return loss
         return self.measured_step(state, closure, rng_at_start, loss, f0, gathered)
 
@@ -72,8 +72,11 @@ class Lookahead(Mode):
         probe = self.noise.fresh_probe(state, gathered, grads, measurer)
         measurer.snapshot(local)
         try:
+            clip = self.clipped(gathered)
             self.inner.step()
             d0 = measurer.dots(grads, local, gathered.units)
+            if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
+                d0 = d0 / clip
             del grads
             for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
                 p.grad = None
