@@ -6,7 +6,7 @@ steps.
 """
 
 from newt._numerics import Decision, Proposal
-from newt.optimizer import GroupStepInfo, Newt, StepInfo
+from newt.optimizer import GroupStepInfo, Newt, ScheduleWarning, StepInfo
 from newt.options import DEFAULT_OPTIONS, DEFAULT_POLICIES, Policies, RuleOptions
 from newt.rules import RULES, STRATEGIES, gen, gen_slopes, retsinas, taylor
 from newt.schedulers import FactorLR
@@ -23,6 +23,7 @@ __all__ = [
     "Policies",
     "Proposal",
     "RuleOptions",
+    "ScheduleWarning",
     "StepInfo",
     "gen",
     "gen_slopes",

@@ -51,15 +51,24 @@ class Rates:
 
     def __init__(self) -> None:
         self.groups: list[GroupRate] = []
+        self.base_writes = 0  # consecutive syncs that read a write of initial_lr as a factor of 1
 
     def copy(self) -> Rates:
         """An independent copy: a step adapts a copy, which becomes the rates once the step completes."""
         other = Rates()
         other.groups = [GroupRate(r.adapted, r.multiplier, r.written) for r in self.groups]
+        other.base_writes = self.base_writes
         return other
 
-    def sync(self, param_groups: ParamGroups) -> None:
-        """Take in changes made to ``group["lr"]`` since the last write, and new groups."""
+    def sync(self, param_groups: ParamGroups) -> bool:
+        """Take in changes made to ``group["lr"]`` since the last write, and new groups.
+
+        Returns whether ``initial_lr`` was written, and read as a factor of 1 where the adapted
+        rate differs from it, for the second sync in a row: a schedule that keeps writing absolute rates
+        (LambdaLR), whose value is not the rate applied. Once (SequentialLR switching to its next
+        schedule) is how a chainable schedule restarts, and is not reported.
+        """
+        overwritten = False
         for index, group in enumerate(param_groups):
             lr = float(group["lr"])
             if index == len(self.groups):
@@ -72,6 +81,7 @@ class Rates:
                 # A scheduler wrote back its base rate: the closed-form way of saying "factor 1"
                 # (SequentialLR switching to CosineAnnealingLR, LambdaLR at lambda 1, ...). The
                 # rate used is then the adapted rate itself.
+                overwritten = overwritten or rate.adapted != lr
                 rate.multiplier = 1.0
                 self._write_one(group, rate)
                 continue
@@ -84,6 +94,8 @@ class Rates:
                 rate.adapted, rate.multiplier = lr, 1.0
             rate.written = lr
         del self.groups[len(param_groups) :]
+        self.base_writes = self.base_writes + 1 if overwritten else 0
+        return self.base_writes == 2  # once per run of such writes
 
     def write(self, param_groups: ParamGroups) -> None:
         """Set every group's ``"lr"`` to its ``multiplier * adapted`` (tensor rates in place)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,12 +18,13 @@ from newt.modes.lazy import DEFERRAL
 from newt.options import Policies, RuleOptions, check_group, check_initial_rate, check_inner, check_option, merged
 from newt.pipeline.gather import checked_loss
 from newt.pipeline.measure import Measurer
+from newt.schedulers import ABSOLUTE_SCHEDULE, ScheduleWarning
 from newt.step_info import GroupStepInfo, StepInfo
 from newt.strategies import AUTO
 
 Closure = Callable[[], torch.Tensor | float]
 
-__all__ = ["GroupStepInfo", "Newt", "StepInfo"]
+__all__ = ["GroupStepInfo", "Newt", "ScheduleWarning", "StepInfo"]
 
 
 class Newt(torch.optim.Optimizer):
@@ -172,7 +174,8 @@ class Newt(torch.optim.Optimizer):
                 f"Newt.step got both a closure and {source}: with a closure Newt measures the loss itself. "
                 "Give the loss only to a closure-free step (after your own backward())."
             )
-        work.rates.sync(self.param_groups)
+        if work.rates.sync(self.param_groups):
+            warnings.warn(ABSOLUTE_SCHEDULE, ScheduleWarning, stacklevel=4)
         if closure is None:
             work.probe = None  # the closure-free step reuses the snapshot buffer
             return self._closure_free.step(work, loss)

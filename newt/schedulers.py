@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FactorLR"]
+__all__ = ["ABSOLUTE_SCHEDULE", "FactorLR", "ScheduleWarning"]
+
+
+class ScheduleWarning(UserWarning):
+    """A scheduler wrote an absolute rate that is not the rate ``Newt`` applies."""
+
+
+ABSOLUTE_SCHEDULE = (
+    "a param group's 'lr' was set to its 'initial_lr' between two steps, as a closed-form schedule "
+    "does (LambdaLR, OneCycleLR, a plain Hugging Face Trainer's schedule): Newt reads that as a factor "
+    "of 1 and applies its own adapted rate, so the value the schedule wrote (and its get_last_lr()) is "
+    "not the rate applied. Log opt.step_info.alpha (the rate each step used) or read param_groups "
+    "after opt.step(), and use a chainable scheduler or newt.FactorLR, whose factors multiply Newt's "
+    "rate (newt.integrations.huggingface.NewtTrainer does this for the Trainer); see docs/schedulers.md."
+)
 
 
 class FactorLR(torch.optim.lr_scheduler.LambdaLR):

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from newt import Decision, FactorLR, Newt
+from newt import Decision, FactorLR, Newt, ScheduleWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,3 +240,26 @@ def test_the_lookahead_replays_torchs_default_generator_not_a_generator_of_the_u
 
         opt.step(closure)
         assert torch.equal(drawn[0], drawn[1]) is (generator is None)
+
+
+def test_a_schedule_that_keeps_writing_its_base_rate_is_reported_once_and_a_factor_schedule_is_not():
+    for schedule, warns in (
+        (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), True),
+        (
+            lambda opt: FactorLR(opt, lambda s: 1.0),
+            False,
+        ),
+    ):
+        model = _model()
+        opt = Newt(torch.optim.Adam(model.parameters(), lr=0.01))
+        scheduler = schedule(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in _batches(8):
+                opt.step(_closure(opt, model, x, y))
+                scheduler.step()
+        reported = [w for w in caught if issubclass(w.category, ScheduleWarning)]
+        assert len(reported) == int(warns), schedule
+        if warns:  # what it says is true: the schedule's value is not the rate applied
+            assert scheduler.get_last_lr()[0] == 0.01 != opt.step_info.alpha
+            assert "step_info.alpha" in str(reported[0].message)

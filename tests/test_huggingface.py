@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
-from newt import Decision, Newt  # noqa: E402
+from newt import Decision, Newt, ScheduleWarning  # noqa: E402
 from newt.integrations.huggingface import NewtTrainer, unwrap_newt  # noqa: E402
 from newt.schedulers import FactorLR  # noqa: E402
 from tests.devices import needs_cuda  # noqa: E402
@@ -231,12 +231,15 @@ def test_trainer_default_constant_schedule_keeps_newts_rate_but_logs_the_initial
 
     That ``LambdaLR`` writes back exactly the initial rate every step, which Newt reads as the
     schedule's factor returning to 1 (newt/_rates.py): the adaptation survives and training works.
-    But the Trainer logs ``get_last_lr()``, i.e. 1e-5 throughout, not the rate in use.
+    But the Trainer logs ``get_last_lr()``, i.e. 1e-5 throughout, not the rate in use: Newt
+    says so, once, with a ``ScheduleWarning`` that names the way out (``NewtTrainer``).
     """
     steps = 30
     model = _model()
     opt = _newt(model)
-    trainer, rec = _train(tmp_path, opt, model, None, steps, lr_scheduler_type="constant")
+    with pytest.warns(ScheduleWarning, match="NewtTrainer") as warned:
+        trainer, rec = _train(tmp_path, opt, model, None, steps, lr_scheduler_type="constant")
+    assert len([w for w in warned if issubclass(w.category, ScheduleWarning)]) == 1
 
     assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
     assert _logged(trainer, "learning_rate") == [START_LR] * steps

@@ -72,33 +72,18 @@ class Settings:
                 "build one with torch.amp.GradScaler(device) and pass it here."
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        clip = None if max_grad_norm is None else check_option("max_grad_norm", max_grad_norm)
+        p = policies
         checks = Checks(
             options,
-            NonfiniteCheck(policies.reject_nonfinite),
-            SpikeTest(policies.spike_threshold, policies.reject_spikes),
-            AscentHold(policies.hold_on_ascent),
-            policies.start_armijo,
+            NonfiniteCheck(p.reject_nonfinite),
+            SpikeTest(p.spike_threshold, p.reject_spikes),
+            AscentHold(p.hold_on_ascent),
+            p.start_armijo,
             scaler is not None,
         )
-        start, rise, blow_up = (
-            StartTest(policies.start_armijo),
-            RiseCheck(policies.rise_threshold),
-            BlowUpCheck(policies.blow_up_threshold),
-        )
-        clip = None if max_grad_norm is None else check_option("max_grad_norm", max_grad_norm)
-        return cls(
-            resolved,
-            checks,
-            start,
-            rise,
-            blow_up,
-            policies.noise_correction,
-            update_every,
-            per_group,
-            scaler,
-            policies,
-            clip,
-        )
+        tests = StartTest(p.start_armijo), RiseCheck(p.rise_threshold), BlowUpCheck(p.blow_up_threshold)
+        return cls(resolved, checks, *tests, p.noise_correction, update_every, per_group, scaler, p, clip)
 
 
 class Mode:
