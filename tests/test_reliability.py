@@ -481,3 +481,30 @@ def test_a_step_too_short_to_measure_curvature_grows_the_rate_instead_of_keeping
     reached = next(t for t, rate in enumerate(rates) if rate >= 0.5)
     assert 18 <= reached <= 21
     assert 0.5 <= rates[-1] <= 1.0 + 1e-6  # the Newton steps then close in on 1 / h from below
+
+
+def test_a_rejected_nonfinite_step_puts_back_the_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-2), reject_nonfinite=True)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure(inputs):
+        def run():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(inputs), y)
+            loss.backward()
+            return loss
+
+        return run
+
+    opt.step(closure(x))
+    statistics = {k: v.clone() for k, v in model[1].state_dict().items()}
+    broken = x.clone()
+    broken[3, 1] = float("nan")  # one broken sample: NaN loss, NaN gradients, NaN running statistics
+    opt.step(closure(broken))
+    assert opt.step_info.rejected and opt.step_info.decision == "nonfinite"
+    for name, value in model[1].state_dict().items():
+        assert torch.equal(value, statistics[name]), name
+    model.eval()
+    assert torch.isfinite(model(x)).all()  # eval mode reads the running statistics
