@@ -4,9 +4,13 @@ Run ``python -m benchmarks.overhead`` (a few minutes on 2 CPU cores). For an MLP
 digits data and a small character-level transformer, it times a training step of:
 
 - the bare inner optimizer (Adam): closure (forward + backward), then ``inner.step()``;
-- ``Newt`` in lookahead mode, lazy mode (``update_every=4``), closure-free mode, and closure-free
-  mode in blocks of four (``update_every=4``: one host synchronisation per four steps, which
-  shows on a GPU what the one per step of closure-free mode costs).
+- ``Newt`` in lookahead mode and closure-free mode (each with its defaults, and without the
+  check of non-finite numbers that ``reject_nonfinite=True`` makes before the inner step), lazy
+  mode (``update_every=4``), and closure-free mode in blocks of four (``update_every=4``: one host
+  synchronisation per four steps, which shows on a GPU what the one per step of closure-free
+  mode costs).
+
+Each method trains its own copy of the weights with its own Adam.
 
 The methods are interleaved, repetition by repetition (four steps each: one cycle of the lazy
 mode), so that a busy machine slows them all alike; the table reports the median seconds per
@@ -97,46 +101,57 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _newts(inner: torch.optim.Optimizer) -> dict[str, Newt]:
-    """The modes timed against the bare optimizer, all around the same ``inner``."""
+def _newts(make_inner: Callable[[], torch.optim.Optimizer]) -> dict[str, Newt]:
+    """The modes timed against the bare optimizer, each around its own ``make_inner()``."""
     # The lookahead steps must not be rejected or reshape the rate, nor lazy mode's first steps
     # all be lookahead steps while the start is unproven: the timing is about the work.
     untested = dict(spike_threshold=float("inf"), start_armijo=0.0)
     return {
-        "Newt lookahead": Newt(inner, strategy="taylor", **untested),
-        "Newt lazy K=4": Newt(inner, strategy="taylor", update_every=4, **untested),
-        "Newt closure-free": Newt(inner, strategy="retsinas"),
-        "Newt closure-free K=4": Newt(inner, strategy="retsinas", update_every=4),
+        "Newt lookahead": Newt(make_inner(), strategy="taylor", **untested),
+        # without the check of theta_t's loss and gradients (and of its host synchronisation)
+        # that reject_nonfinite=True makes before the inner step: the cost of that check
+        "Newt lookahead, no NaN check": Newt(make_inner(), strategy="taylor", reject_nonfinite=False, **untested),
+        "Newt lazy K=4": Newt(make_inner(), strategy="taylor", update_every=4, **untested),
+        "Newt closure-free": Newt(make_inner(), strategy="retsinas"),
+        "Newt closure-free, no NaN check": Newt(make_inner(), strategy="retsinas", reject_nonfinite=False),
+        "Newt closure-free K=4": Newt(make_inner(), strategy="retsinas", update_every=4),
     }
 
 
 def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str = "cpu"):
-    """One step function per method; each returns the seconds Newt spent outside closure and inner step."""
-    names = ("bare", "la", "lazy", "cf", "cf4")
+    """One step function per method; each returns the seconds Newt spent outside closure and inner step.
+
+    Every method trains its own copy of the weights with its own Adam: a run is one method's
+    training, interleaved with the others' only in time.
+    """
+    names = ("bare", "la", "la-unchecked", "lazy", "cf", "cf-unchecked", "cf4")
     state = {name: {k: v.clone() for k, v in model.state_dict().items()} for name in names}
-    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
-    closure_seconds = [0.0]
+    closure_seconds, inner_seconds = [0.0], [0.0]
 
     def closure() -> torch.Tensor:
         start = time.perf_counter()
-        inner.zero_grad()
+        model.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         closure_seconds[0] += time.perf_counter() - start
         return loss
 
-    inner_seconds = [0.0]
-    original_step = inner.step
+    def timed_adam() -> torch.optim.Optimizer:
+        inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+        original_step = inner.step
 
-    def timed_inner_step(*args, **kwargs):
-        start = time.perf_counter()
-        result = original_step(*args, **kwargs)
-        inner_seconds[0] += time.perf_counter() - start
-        return result
+        def timed_inner_step(*args, **kwargs):
+            start = time.perf_counter()
+            result = original_step(*args, **kwargs)
+            inner_seconds[0] += time.perf_counter() - start
+            return result
 
-    inner.step = timed_inner_step
-    newts = _newts(inner)
-    lookahead, lazy, closure_free, closure_free_blocks = newts.values()
+        inner.step = timed_inner_step
+        return inner
+
+    inner = timed_adam()
+    newts = _newts(timed_adam)
+    lookahead, unchecked, lazy, closure_free, free_unchecked, closure_free_blocks = newts.values()
 
     def measured(name: str, body: Callable[[], None]) -> Callable[[], float]:
         def run() -> float:
@@ -168,8 +183,10 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
     return {
         "bare Adam": measured("bare", bare),
         "Newt lookahead": measured("la", lambda: lookahead.step(closure)),
+        "Newt lookahead, no NaN check": measured("la-unchecked", lambda: unchecked.step(closure)),
         "Newt lazy K=4": measured("lazy", lambda: lazy.step(closure)),
         "Newt closure-free": measured("cf", closure_free_step(closure_free)),
+        "Newt closure-free, no NaN check": measured("cf-unchecked", closure_free_step(free_unchecked)),
         "Newt closure-free K=4": measured("cf4", closure_free_step(closure_free_blocks)),
     }, tuple(newts.values())
 
@@ -235,8 +252,8 @@ def peak_memory(task: str, method: str, device: str = "cuda", steps: int = 2 * S
     snapshot and the activations of a step)."""
     with _peak_bytes(device) as peak:
         model, loss_fn = TASKS[task](device)
-        inner = torch.optim.Adam(model.parameters(), lr=1e-3)
-        opt = inner if method == "bare Adam" else _newts(inner)[method]
+        make_inner = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)  # noqa: E731
+        opt = make_inner() if method == "bare Adam" else _newts(make_inner)[method]
 
         def closure() -> torch.Tensor:
             opt.zero_grad()

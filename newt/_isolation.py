@@ -15,7 +15,7 @@ the first, at another point. Two things would otherwise differ or leak:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,10 +44,28 @@ class BufferRecord:
     """The module buffers as they were before the forward passes run while recording."""
 
     def __init__(self) -> None:
-        self._saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
+        self.saved: dict[int, tuple[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]]] = {}
 
-    def remember(self, module: nn.Module, args: object) -> None:
-        saved = self._saved
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every recorded buffer back as it was."""
+        for module, entries in self.saved.values():
+            for name, original, copy in entries:
+                if module._buffers.get(name) is not original:  # a forward that rebinds, not mutates
+                    module._buffers[name] = original
+                original.copy_(copy)
+
+
+@contextlib.contextmanager
+def recorded_module_buffers() -> Iterator[BufferRecord]:
+    """Record the module buffers the enclosed forward passes are about to change (BatchNorm's
+    running statistics), so that the caller can put them back with ``restore()``."""
+    record = BufferRecord()
+    saved = record.saved
+
+    # A plain function, not a bound method: torch.compile guards on the global hooks, and a
+    # new bound method every step would make it recompile.
+    def remember(module: nn.Module, args: object) -> None:
         if id(module) in saved:  # saved with its whole subtree: nothing new below it
             return
         # The whole subtree, not just the module called: inside a torch.compile'd graph the
@@ -60,26 +78,36 @@ class BufferRecord:
                 [(name, buf, buf.detach().clone()) for name, buf in sub._buffers.items() if buf is not None],
             )
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put every recorded buffer back as it was."""
-        for module, entries in self._saved.values():
-            for name, original, copy in entries:
-                if module._buffers.get(name) is not original:  # a forward that rebinds, not mutates
-                    module._buffers[name] = original
-                original.copy_(copy)
+    with _global_forward_pre_hook(remember):
+        yield record
+
+
+_HOOK_KEY = -0x6E657774  # the key Newt's hook takes in torch's registry of global forward pre-hooks
 
 
 @contextlib.contextmanager
-def recorded_module_buffers() -> Iterator[BufferRecord]:
-    """Record the module buffers the enclosed forward passes are about to change (BatchNorm's
-    running statistics), so that the caller can put them back with ``restore()``."""
-    record = BufferRecord()
-    handle = nn.modules.module.register_module_forward_pre_hook(record.remember)
+def _global_forward_pre_hook(hook: Callable[[nn.Module, object], None]) -> Iterator[None]:
+    """Install ``hook`` as a global forward pre-hook for the enclosed code, always under one key.
+
+    torch.compile guards a compiled module on the keys of the global hooks, and the usual
+    ``register_module_forward_pre_hook`` takes a new key every time: installing a hook for each
+    closure call would make it recompile at every step. One fixed key, in the same registry,
+    keeps the guard true. Where the key is taken (another Newt stepping in another thread) or
+    the registry is not where torch keeps it, the usual registration is used.
+    """
+    registry = getattr(nn.modules.module, "_global_forward_pre_hooks", None)
+    if not isinstance(registry, dict) or _HOOK_KEY in registry:
+        handle = nn.modules.module.register_module_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    registry[_HOOK_KEY] = hook
     try:
-        yield record
+        yield
     finally:
-        handle.remove()
+        registry.pop(_HOOK_KEY, None)
 
 
 @contextlib.contextmanager

@@ -64,38 +64,40 @@ class Rates:
         """Take in changes made to ``group["lr"]`` since the last write, and new groups.
 
         Returns whether ``initial_lr`` was written, and read as a factor of 1 where the adapted
-        rate differs from it, for the second sync in a row: a schedule that keeps writing absolute rates
-        (LambdaLR), whose value is not the rate applied. Once (SequentialLR switching to its next
-        schedule) is how a chainable schedule restarts, and is not reported.
+        rate differs from it, for the second sync in a row: a schedule that keeps writing
+        absolute rates (LambdaLR), whose value is not the rate applied. Once (SequentialLR
+        switching to its next schedule) is how a chainable schedule restarts: not reported.
         """
         overwritten = False
         for index, group in enumerate(param_groups):
             lr = float(group["lr"])
             if index == len(self.groups):
                 self.groups.append(GroupRate(adapted=lr, multiplier=1.0, written=lr))
-                continue
-            rate = self.groups[index]
-            if lr == rate.written:
-                continue
-            if "initial_lr" in group and lr == float(group["initial_lr"]) and rate.adapted > 0.0:
-                # A scheduler wrote back its base rate: the closed-form way of saying "factor 1"
-                # (SequentialLR switching to CosineAnnealingLR, LambdaLR at lambda 1, ...). The
-                # rate used is then the adapted rate itself.
-                overwritten = overwritten or rate.adapted != lr
-                rate.multiplier = 1.0
-                self._write_one(group, rate)
-                continue
-            elif rate.written > 0.0 and rate.adapted > 0.0:
-                rate.multiplier *= lr / rate.written
-            elif rate.adapted > 0.0 and float(group.get("initial_lr", 0.0)) > 0.0:
-                # Back from zero (a cosine schedule restarting): no ratio exists, only the base.
-                rate.multiplier = lr / float(group["initial_lr"])
-            else:  # a frozen group (lr 0) given a rate: that is a new starting rate, not a factor
-                rate.adapted, rate.multiplier = lr, 1.0
-            rate.written = lr
+            elif lr != self.groups[index].written:
+                overwritten = self._read_change(group, self.groups[index], lr) or overwritten
         del self.groups[len(param_groups) :]
         self.base_writes = self.base_writes + 1 if overwritten else 0
         return self.base_writes == 2  # once per run of such writes
+
+    def _read_change(self, group: dict[str, Any], rate: GroupRate, lr: float) -> bool:
+        """Take in a change of one group's ``"lr"`` to ``lr``; True for a base rate read as factor 1
+        while the adapted rate differs from it."""
+        if "initial_lr" in group and lr == float(group["initial_lr"]) and rate.adapted > 0.0:
+            # A scheduler wrote back its base rate: the closed-form way of saying "factor 1"
+            # (SequentialLR switching to CosineAnnealingLR, LambdaLR at lambda 1, ...). The
+            # rate used is then the adapted rate itself.
+            rate.multiplier = 1.0
+            self._write_one(group, rate)
+            return rate.adapted != lr
+        if rate.written > 0.0 and rate.adapted > 0.0:
+            rate.multiplier *= lr / rate.written
+        elif rate.adapted > 0.0 and float(group.get("initial_lr", 0.0)) > 0.0:
+            # Back from zero (a cosine schedule restarting): no ratio exists, only the base.
+            rate.multiplier = lr / float(group["initial_lr"])
+        else:  # a frozen group (lr 0) given a rate: that is a new starting rate, not a factor
+            rate.adapted, rate.multiplier = lr, 1.0
+        rate.written = lr
+        return False
 
     def write(self, param_groups: ParamGroups) -> None:
         """Set every group's ``"lr"`` to its ``multiplier * adapted`` (tensor rates in place)."""

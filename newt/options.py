@@ -220,7 +220,7 @@ class Policies:
     rise_threshold: float = 3.0
     hold_on_ascent: bool = True
     noise_correction: float = 0.5
-    reject_nonfinite: bool = False
+    reject_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -244,11 +244,19 @@ def test_the_overhead_benchmark_times_every_mode_and_counts_one_snapshot_each(ca
     overhead.measure("mlp", repeats=1)
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "ms |" in line]
-    methods = ["bare Adam", "Newt lookahead", "Newt lazy K=4", "Newt closure-free", "Newt closure-free K=4"]
+    methods = [
+        "bare Adam",
+        "Newt lookahead",
+        "Newt lookahead, no NaN check",
+        "Newt lazy K=4",
+        "Newt closure-free",
+        "Newt closure-free, no NaN check",
+        "Newt closure-free K=4",
+    ]
     assert [row[0] for row in rows] == [f"| {method}" for method in methods]
     assert all(float(row[2]) > 0 for row in rows) and float(rows[0][2]) == 1.0  # ratios to the bare step
     buffers = [line for line in out.splitlines() if line.startswith("parameter-sized buffers held by")]
-    assert len(buffers) == 4 and all(line.endswith(": 1.00") for line in buffers)
+    assert len(buffers) == 6 and all(line.endswith(": 1.00") for line in buffers)
 
 
 @pytest.mark.skipif(overhead.HEAP_BYTES is None, reason="the CPU peak memory reads glibc's mallinfo2")

@@ -87,7 +87,7 @@ def test_nonfinite_lookahead_with_rejection_restores_theta_and_shrinks_the_rate(
 def test_nonfinite_lookahead_without_rejection_keeps_the_step_and_shrinks_the_rate():
     p = _start()
     before = p.detach().clone()
-    opt = Newt(torch.optim.SGD([p], lr=0.1), shrink=0.25)  # reject_nonfinite defaults to False
+    opt = Newt(torch.optim.SGD([p], lr=0.1), shrink=0.25, reject_nonfinite=False)
 
     opt.step(_closure(opt, p, loss_fn=_half_square, faults={2: "nan_loss"}))
 
@@ -508,3 +508,29 @@ def test_a_rejected_nonfinite_step_puts_back_the_batchnorm_statistics():
         assert torch.equal(value, statistics[name]), name
     model.eval()
     assert torch.isfinite(model(x)).all()  # eval mode reads the running statistics
+
+
+@pytest.mark.slow
+def test_with_the_defaults_a_long_run_with_broken_batches_keeps_finite_parameters_and_trains():
+    """One batch in 50 is broken (a NaN feature): with the defaults no NaN reaches the model."""
+    from tests.models import digits, full_batch_loss, make_mlp, minibatch_indices
+
+    x, y = digits()
+    model = make_mlp(0)
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3))
+    start = full_batch_loss(model, x, y)
+    for step, index in enumerate(minibatch_indices(len(x), 64, 400, seed=3)):
+        xb = x[index].clone()
+        if step % 50 == 25:
+            xb[0, 0] = float("nan")
+
+        def closure(xb=xb, yb=y[index]):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.state_dict()["newt"]["rejected"] >= 8  # the eight broken batches, at least
+    assert full_batch_loss(model, x, y) < 0.2 * start
