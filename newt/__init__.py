@@ -5,6 +5,7 @@ rate with a Newton-like rule from :mod:`newt.rules`, measured along the inner op
 steps.
 """
 
+from newt._checkpoint import CheckpointError
 from newt._numerics import Decision, Proposal
 from newt.optimizer import GroupStepInfo, Newt, ScheduleWarning, StepInfo
 from newt.options import DEFAULT_OPTIONS, DEFAULT_POLICIES, Policies, RuleOptions
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_POLICIES",
     "RULES",
     "STRATEGIES",
+    "CheckpointError",
     "Decision",
     "FactorLR",
     "GroupStepInfo",
@@ -31,4 +33,4 @@ __all__ = [
     "taylor",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from newt import Decision, FactorLR, Newt, ScheduleWarning
+from newt import CheckpointError, Decision, FactorLR, Newt, ScheduleWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,7 +173,7 @@ def test_a_corrupt_checkpoint_is_refused_and_leaves_the_optimizer_as_it_was(kind
     assert good["newt"]["noise"]["probe"] is not None and good["newt"]["noise"]["averages"]
     target = Newt(torch.optim.Adam(model.parameters(), lr=0.02))
     before = copy.deepcopy(target.state_dict())
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(CheckpointError, match="checkpoint"):
         target.load_state_dict(_corrupted(kind, copy.deepcopy(good)))
     after = target.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["newt"] == before["newt"]
