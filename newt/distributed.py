@@ -20,20 +20,37 @@ on the paths that use it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree_all", "agree_any", "is_distributed", "local_tensor", "reduce_measurements", "sharded"]
+__all__ = ["agree_all", "agree_any", "is_distributed", "is_dtensor", "local_tensor", "reduce_measurements", "sharded"]
 
-try:  # DTensor's public home from torch 2.5 on
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - depends on the torch version
-    try:  # torch 2.4, whose FSDP2 parameters are these DTensors: without them its shards would pass for replicas
-        from torch.distributed._tensor import DTensor, Shard
-    except ImportError:  # torch builds without distributed support
-        DTensor = Shard = None
+# DTensor's public home from torch 2.5 on, and torch 2.4's, whose FSDP2 parameters are these
+# DTensors too (without them its shards would pass for replicas).
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def _dtensor_classes() -> tuple[type, type] | None:
+    """``(DTensor, Shard)`` once some code has imported DTensor's module, else None.
+
+    A DTensor exists only after its module was imported, so until then no tensor is one. Looking
+    the module up instead of importing it keeps ``import newt`` from importing
+    ``torch.distributed.tensor`` (and sympy with it) for the users who never shard.
+    """
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module.DTensor, module.Shard
+    return None
+
+
+def is_dtensor(tensor: torch.Tensor | None) -> bool:
+    """True when ``tensor`` is a DTensor (an FSDP2 parameter, replicated or sharded)."""
+    classes = _dtensor_classes()
+    return classes is not None and isinstance(tensor, classes[0])
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -43,16 +60,18 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
 
 def local_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """The rank-local shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor.to_local()
     return tensor
 
 
 def sharded(params: Sequence[torch.Tensor]) -> bool:
     """True when some parameter is a DTensor sharded across ranks (FSDP2)."""
-    if DTensor is None:
+    classes = _dtensor_classes()
+    if classes is None:
         return False
-    return any(isinstance(p, DTensor) and any(isinstance(s, Shard) for s in p.placements) for p in params)
+    dtensor, shard = classes
+    return any(isinstance(p, dtensor) and any(isinstance(s, shard) for s in p.placements) for p in params)
 
 
 def reduce_measurements(

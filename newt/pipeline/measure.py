@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from newt import _kernels
-from newt.distributed import DTensor, agree_all, agree_any, reduce_measurements, sharded
+from newt.distributed import agree_all, agree_any, is_dtensor, reduce_measurements, sharded
 
 __all__ = ["Measurer"]
 
@@ -33,7 +33,7 @@ class Measurer:
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Take note of the parameters (at construction and when a param group is added)."""
         self.sharded = sharded(params)
-        self.dtensors = DTensor is not None and any(isinstance(p, DTensor) for p in params)
+        self.dtensors = any(is_dtensor(p) for p in params)
 
     # ------------------------------------------------------------------ the snapshot buffer
 
