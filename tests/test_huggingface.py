@@ -464,13 +464,58 @@ def test_newt_trainer_resumes_with_its_factor_schedule_where_it_stopped(tmp_path
     assert resumed.inner_rates == pytest.approx(full.inner_rates[save_at:], rel=1e-6)
 
 
-def test_newt_trainer_without_a_newt_optimizer_says_what_to_pass(tmp_path):
+def test_newt_trainer_refuses_an_optimizer_without_newt_at_construction(tmp_path):
     model = _model()
     adamw = torch.optim.AdamW(model.parameters(), lr=START_LR)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=2, report_to=[])
-    trainer = NewtTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(adamw, None))
-    with pytest.raises(TypeError, match=r"optimizer is .* with no Newt inside: pass optimizers=\(Newt\("):
-        trainer.train()
+    with pytest.raises(TypeError, match=r"optimizer is .* with no Newt inside: leave optimizers= out"):
+        NewtTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(adamw, None))
+    opt = _newt(model)
+    with pytest.raises(TypeError, match="give the options to that Newt"):
+        NewtTrainer(
+            model=model, args=args, train_dataset=_dataset(), optimizers=(opt, None), newt_options={"strategy": "gen"}
+        )
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_newt_trainer_without_optimizers_wraps_the_optimizer_the_trainer_would_build(tmp_path, optim):
+    """Like ``Trainer(model, args)``: ``optim``, ``learning_rate`` and ``weight_decay`` make the inner
+    optimizer (compared with the plain Trainer's own, built from the same arguments), which
+    ``Newt`` wraps and adapts from ``learning_rate``; the built schedule multiplies its rate."""
+    steps, lr, weight_decay = 20, 1e-3, 0.01
+
+    def arguments(name):
+        return transformers.TrainingArguments(
+            output_dir=str(tmp_path / name),
+            use_cpu=True,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH_SIZE,
+            logging_steps=1,
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            save_strategy="no",
+            optim=optim,
+            learning_rate=lr,
+            weight_decay=weight_decay,
+            lr_scheduler_type="cosine",
+        )
+
+    plain = transformers.Trainer(model=_model(), args=arguments("plain"), train_dataset=_dataset())
+    expected = plain.create_optimizer()
+    trainer = NewtTrainer(
+        model=_model(), args=arguments("newt"), train_dataset=_dataset(), newt_options={"strategy": "retsinas"}
+    )
+    trainer.train()
+    opt = unwrap_newt(trainer.optimizer)
+    assert type(opt.inner) is type(expected) and opt.strategy == "retsinas"
+    assert [g["weight_decay"] for g in opt.inner.param_groups] == [g["weight_decay"] for g in expected.param_groups]
+    assert [len(g["params"]) for g in opt.inner.param_groups] == [len(g["params"]) for g in expected.param_groups]
+    assert opt.inner.param_groups[0]["initial_lr"] == lr
+    assert type(getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)) is FactorLR
+    assert opt.adapted_rates[0] != lr  # the rate was adapted, from learning_rate
+    first, last = _loss_drop(trainer)
+    assert last < first - 0.5, f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)"
 
 
 def _accelerate_loop(mode: str, lr: float = 1.0) -> tuple[float, int]:

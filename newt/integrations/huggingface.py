@@ -13,12 +13,15 @@ closes:
   whose absolute rates overwrite ``Newt``'s. ``NewtTrainer`` turns it into a
   :class:`newt.schedulers.FactorLR` with the same factors, which multiply ``Newt``'s rate.
 
-Usage::
+Usage, like ``Trainer``: the optimizer ``TrainingArguments`` describe (``optim``,
+``learning_rate`` as the initial rate, ``weight_decay``) is built and wrapped in a ``Newt``::
 
     from newt.integrations.huggingface import NewtTrainer
 
-    opt = Newt(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    trainer = NewtTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    trainer = NewtTrainer(model=model, args=args, train_dataset=data)
+
+or with a ``Newt`` of your own: ``optimizers=(Newt(inner, ...), None)``; ``newt_options=``
+passes options to the ``Newt`` the Trainer builds (``{"strategy": "retsinas"}``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import transformers
+
+try:
+    import transformers
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError(
+        "newt.integrations.huggingface needs transformers and accelerate: "
+        "pip install 'newt-lr[huggingface]'"
+    ) from missing
 
 from newt.optimizer import Newt
 from newt.schedulers import FactorLR
@@ -50,6 +60,35 @@ class NewtTrainerMixin:
     """
 
     _newt_window_loss: torch.Tensor | None = None
+
+    def __init__(self, *args: Any, newt_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """The Trainer's arguments, plus ``newt_options`` for the ``Newt`` it builds.
+
+        Raises:
+            TypeError: ``optimizers=`` holds an optimizer with no ``Newt`` inside, or both a
+                ``Newt`` and ``newt_options`` (give the options to your ``Newt``).
+        """
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.newt_options = dict(newt_options or {})
+        if self.optimizer is not None:  # type: ignore[has-type]
+            unwrap_newt(self.optimizer)  # type: ignore[has-type]
+            if self.newt_options:
+                raise TypeError(
+                    "newt_options configure the Newt the Trainer builds, but optimizers= already "
+                    "holds one: give the options to that Newt instead."
+                )
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The optimizer the Trainer builds from its arguments, wrapped in a ``Newt``.
+
+        ``learning_rate`` becomes the initial rate, which ``Newt`` adapts; ``optim`` and
+        ``weight_decay`` choose and configure the inner optimizer as they do for ``Trainer``.
+        An optimizer passed in ``optimizers=`` is kept as it is.
+        """
+        if self.optimizer is None:  # type: ignore[has-type]
+            inner = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+            self.optimizer = Newt(inner, **self.newt_options)
+        return self.optimizer
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The Trainer's ``training_step``, then the loss added to the window's sum."""
@@ -83,9 +122,10 @@ class NewtTrainerMixin:
 class NewtTrainer(NewtTrainerMixin, transformers.Trainer):
     """``transformers.Trainer`` for a ``Newt`` optimizer: see :class:`NewtTrainerMixin`.
 
-    Pass ``optimizers=(Newt(...), None)`` to get ``lr_scheduler_type`` (and the warm-up
-    arguments) as a factor on ``Newt``'s rate, or ``optimizers=(Newt(...), scheduler)`` with a
-    chainable scheduler of yours.
+    Without ``optimizers=``, the Trainer's own optimizer (from ``optim``, ``learning_rate`` and
+    ``weight_decay``) is wrapped in a ``Newt`` with ``newt_options``. ``lr_scheduler_type`` (and
+    the warm-up arguments) becomes a factor on ``Newt``'s rate, unless ``optimizers=`` also
+    holds a chainable scheduler of yours.
     """
 
 
@@ -101,8 +141,8 @@ def unwrap_newt(optimizer: object) -> Newt:
         if inner is None or inner is found:
             raise TypeError(
                 f"NewtTrainer gives the loss to a Newt optimizer, but the Trainer's optimizer is "
-                f"{type(optimizer).__name__} with no Newt inside: pass "
-                "optimizers=(Newt(inner_optimizer), scheduler) to the Trainer."
+                f"{type(optimizer).__name__} with no Newt inside: leave optimizers= out (the Trainer's "
+                "own optimizer is wrapped) or pass optimizers=(Newt(inner_optimizer), scheduler)."
             )
         found = inner
     return found
