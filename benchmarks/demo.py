@@ -2,8 +2,9 @@
 learning rates, with the plain inner optimizer and with ``Newt`` wrapped around it.
 
 Run ``python -m benchmarks.demo`` (about a minute on 2 CPU cores). It prints a markdown table of
-the final training loss and test accuracy per initial rate and writes ``docs/img/demo.png``
-(the loss curves and the learning-rate trajectories).
+the final training loss and test accuracy per initial rate and writes
+``benchmarks/results/demo.png`` (the loss curves and the learning-rate trajectories; ignored by
+git); ``--plot docs/img/demo.png`` regenerates the documentation's figure.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ def train(inner_name: str, lr: float, use_newt: bool, steps: int, seed: int, **n
     return {"losses": losses, "rates": rates, "train_loss": train_loss, "accuracy": accuracy, "rejected": rejected}
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of the demo."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--inner", choices=sorted(INNER), default="adam")
     parser.add_argument("--strategy", default="auto", help="Newt's strategy (default: Newt's own, 'auto')")
     parser.add_argument("--rates", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=Path("docs/img/demo.png"))
+    parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/demo.png"))
     parser.add_argument(
         "--option",
         action="append",
@@ -69,7 +71,12 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="another Newt option, e.g. --option hold_on_ascent=False (a Python literal; repeatable)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
+    args = parser.parse_args(argv)
     options = dict(_option(text, parser) for text in args.option)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -112,22 +119,26 @@ def plot(runs: dict, args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = plt.cm.viridis([i / max(1, len(args.rates) - 1) for i in range(len(args.rates))])
-    for color, lr in zip(colors, args.rates):
+    from benchmarks.robustness import OKABE_ITO
+
+    plt.rcParams.update({"font.size": 10, "legend.fontsize": 9, "axes.titlesize": 10})
+    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for color, lr in zip(OKABE_ITO * 2, args.rates):
         for use_newt, style in ((False, ":"), (True, "-")):
             run = runs[lr, use_newt]
             label = f"{'Newt' if use_newt else 'plain'} lr0={lr:g}"
-            ax_loss.plot(_smooth(run["losses"]), style, color=color, label=label, lw=1.2)
-        ax_rate.plot(runs[lr, True]["rates"], color=color, label=f"lr0={lr:g}", lw=1.2)
+            ax_loss.plot(_smooth(run["losses"]), style, color=color, label=label, lw=1.6)
+        ax_rate.plot(runs[lr, True]["rates"], color=color, label=f"lr0={lr:g}", lw=1.6)
     ax_loss.set(yscale="log", xlabel="step", ylabel="mini-batch loss (smoothed)")
     ax_loss.set_title("plain (dotted) vs Newt (solid)")
     ax_rate.set(yscale="log", xlabel="step", ylabel="learning rate")
     ax_rate.set_title(f"Newt's rate ({args.strategy}, {args.inner})")
-    ax_rate.legend(fontsize=7)
+    ax_rate.legend()
+    for ax in (ax_loss, ax_rate):
+        ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=90)
+    fig.savefig(args.plot, dpi=100)
     print(f"Wrote {args.plot}")
 
 

@@ -8,7 +8,8 @@ Quick version (the README's main job; about 3 minutes on 2 busy CPU cores)::
 
 All three tasks with small budgets, one seed, initial rates 1e-5, 1e-2 and 1, and four methods:
 plain Adam, ``Newt(Adam)`` with the default options, Prodigy and DoG. It prints one table per
-task and writes ``docs/img/robustness-quick-<task>.png``.
+task and writes its results and ``robustness-quick-<task>.png`` under ``benchmarks/results/``
+(ignored by git); ``--plots docs/img`` regenerates the documentation's figures instead.
 
 Full sweep (long: see "Runtime" below)::
 
@@ -35,7 +36,7 @@ there, the ratio of the worst loss to the best tuned plain optimizer's loss (the
 SGD or Adam over the grid), and the mean gradient evaluations, optimizer steps and seconds
 per run. Rows are ranked by the worst-α0 loss at the equal gradient-evaluation budget (the
 wall-clock column is reported, not equalised). Under each table: where the default ``Newt``
-stands against the targets of issue 5.
+stands against its targets (docs/benchmarks.md, "The targets").
 
 Outputs: ``<out>/robustness[-quick]-<task>.json`` (every run, with its downsampled curves),
 ``<out>/robustness[-quick]-<task>.md`` (the table), and ``<plots>/robustness[-quick]-<task>.png``
@@ -459,11 +460,11 @@ def table(task: Task, runs: list[dict[str, Any]], rates: list[float], seeds: int
 
 
 def _targets(task: Task, rows: list[Row], best_plain: Row | None) -> list[str]:
-    """Where the default Newt stands against issue 5's targets (reported, never asserted)."""
+    """Where the default Newt stands against its targets (reported, never asserted)."""
     newt = next((row for row in rows if row.method.key == DEFAULT_NEWT), None)
     if newt is None:
         return []
-    lines = [f"Targets of issue 5 for the default {newt.method.label}:"]
+    lines = [f"Targets for the default {newt.method.label}:"]
     free = [row for row in rows if row.method.lr_free]
     if free:
         best_free = min(free, key=lambda row: row.worst)
@@ -502,11 +503,31 @@ def _targets(task: Task, rows: list[Row], best_plain: Row | None) -> list[str]:
 # ---------------------------------------------------------------------------- plots
 
 
+# Okabe and Ito's palette, told apart with every common colour-vision deficiency.
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442"]
+PEER_STYLES = [("#000000", "--"), ("#777777", "-."), ("#000000", ":"), ("#777777", (0, (5, 1, 1, 1)))]
+CLIP = 3.0
+"""The loss axis ends at this many times the median first loss: a diverging run would squash the rest."""
+
+
 def plot(task: Task, runs: list[dict[str, Any]], path: Path) -> None:
+    """Draw the figure of :func:`figure` into ``path`` (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(task, runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure(task: Task, runs: list[dict[str, Any]]) -> Any:
     """Loss curves (against gradient evaluations) and the rates of the default Newt per α0.
 
-    One seed (the smallest). Peers' curves are the mini-batch losses at their training
-    iterate (DoG's averaged model and Schedule-Free's x point are only evaluated at the end).
+    One seed (the smallest). Colours stand for α0 (Adam dotted, Newt solid); the peers, which
+    take no α0, are black and grey. The loss axis is clipped at ``CLIP`` times the median first
+    loss; a run that leaves it (or turns NaN) is drawn to the edge and marked with a triangle.
+    Peers' curves are the mini-batch losses at their training iterate (DoG's averaged model and
+    Schedule-Free's x point are only evaluated at the end).
     """
     import matplotlib
 
@@ -516,30 +537,51 @@ def plot(task: Task, runs: list[dict[str, Any]], path: Path) -> None:
     seed = min(r["seed"] for r in runs)
     runs = [r for r in runs if r["seed"] == seed]
     alpha0s = sorted({r["alpha0"] for r in runs if r["alpha0"] is not None})
-    colors = dict(zip(alpha0s, plt.cm.viridis([i / max(1, len(alpha0s) - 1) for i in range(len(alpha0s))])))
-    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for r in runs:
-        curve, key = r["curve"], r["method"]
-        evals, loss, rate = curve["evals"], _nan(curve["loss"]), _nan(curve["rate"])
-        if key == "adam":
-            ax_loss.plot(evals, loss, ":", color=colors[r["alpha0"]], lw=1.1, label=f"Adam α0={r['alpha0']:g}")
-        elif key == DEFAULT_NEWT:
-            label = f"Newt(Adam) α0={r['alpha0']:g}"
-            ax_loss.plot(evals, loss, "-", color=colors[r["alpha0"]], lw=1.1, label=label)
-            ax_rate.plot(evals, rate, "-", color=colors[r["alpha0"]], lw=1.1, label=label)
-        elif METHODS[key].lr_free:
-            ax_loss.plot(evals, loss, "--", lw=1.1, label=METHODS[key].label)
-            ax_rate.plot(evals, rate, "--", lw=1.0, label=METHODS[key].label)
-    ax_loss.set(yscale="log", xlabel="gradient evaluations", ylabel="mini-batch loss (window mean)")
-    ax_loss.set_title(f"{task.title}, seed {seed}: Adam (dotted), Newt (solid), peers (dashed)", fontsize=9)
-    ax_rate.set(yscale="log", xlabel="gradient evaluations", ylabel="learning rate (peers: effective step size)")
-    ax_rate.set_title(f"{METHODS[DEFAULT_NEWT].label}: the rate from each α0", fontsize=9)
-    for ax in (ax_loss, ax_rate):
-        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    colors = dict(zip(alpha0s, OKABE_ITO * 2))
+    firsts = [v for r in runs for v in _nan(r["curve"]["loss"])[:1] if math.isfinite(v)]
+    top = CLIP * statistics.median(firsts) if firsts else math.inf
+    peers = iter(PEER_STYLES * 2)
+    with plt.rc_context({"font.size": 10, "legend.fontsize": 9, "axes.titlesize": 10}):
+        fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(12, 5.2))
+        for r in runs:
+            curve, key = r["curve"], r["method"]
+            evals, loss, rate = curve["evals"], _nan(curve["loss"]), _nan(curve["rate"])
+            if key == "adam":
+                style = {"color": colors[r["alpha0"]], "ls": ":", "lw": 1.8, "label": f"Adam α0={r['alpha0']:g}"}
+            elif key == DEFAULT_NEWT:
+                style = {"color": colors[r["alpha0"]], "ls": "-", "lw": 1.6, "label": f"Newt α0={r['alpha0']:g}"}
+                ax_rate.plot(evals, rate, **style)
+            elif METHODS[key].lr_free:
+                color, ls = next(peers)
+                style = {"color": color, "ls": ls, "lw": 1.4, "label": METHODS[key].label}
+                ax_rate.plot(evals, rate, **style)
+            else:
+                continue
+            left = _left_the_chart(loss, top)
+            if left is not None:
+                style["label"] += " (off the chart)"
+                ax_loss.plot([evals[left]], [top], marker="^", ms=9, color=style["color"], clip_on=False)
+            ax_loss.plot(evals, [min(v, top) if math.isfinite(v) else math.nan for v in loss], **style)
+        ax_loss.set(yscale="log", xlabel="gradient evaluations", ylabel="mini-batch loss (window mean)")
+        if math.isfinite(top):
+            ax_loss.set_ylim(top=top * 1.05)
+        ax_loss.set_title(f"{task.title}, seed {seed}: Adam dotted, Newt solid, peers black and grey")
+        ax_rate.set(yscale="log", xlabel="gradient evaluations", ylabel="learning rate (peers: effective step size)")
+        ax_rate.set_title(f"{METHODS[DEFAULT_NEWT].label} and the peers: the rate from each α0")
+        for ax in (ax_loss, ax_rate):
+            ax.grid(True, which="major", alpha=0.3)
+        handles, labels = ax_loss.get_legend_handles_labels()
+        fig.legend(handles, labels, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.02), frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def _left_the_chart(loss: list[float], top: float) -> int | None:
+    """The first index where a curve rises above ``top`` or turns NaN, or None."""
+    for i, value in enumerate(loss):
+        if not math.isfinite(value) or value > top:
+            return i
+    return None
 
 
 def _nan(values: list[float | None]) -> list[float]:
@@ -547,6 +589,33 @@ def _nan(values: list[float | None]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------- main
+
+
+FIGURE_PACKAGES = (
+    "torch",
+    "numpy",
+    "scikit-learn",
+    "mnist1d",
+    "prodigyopt",
+    "dog-optimizer",
+    "dadaptation",
+    "schedulefree",
+)
+"""The packages whose versions move the figures (the data, the kernels, the peers)."""
+
+
+def versions() -> dict[str, str]:
+    """Python's and :data:`FIGURE_PACKAGES`' versions, printed with every table."""
+    import importlib.metadata
+    import platform
+
+    found = {"python": platform.python_version(), "machine": platform.machine()}
+    for name in FIGURE_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def select_methods(patterns: list[str]) -> list[str]:
@@ -576,7 +645,8 @@ def jobs_for(task: Task, methods: list[str], rates: list[float], seeds: int, bud
     return jobs
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line of the sweep."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -588,9 +658,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=None, help="gradient evaluations per run (default: per task)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (one thread each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--plots", type=Path, default=Path("docs/img"))
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where the plots go (docs/img regenerates the documentation's figures)",
+    )
     parser.add_argument("--replot", action="store_true", help="rebuild tables and plots from the results in --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     torch.set_num_threads(1)
     prefix = "robustness-quick" if args.quick else "robustness"
     if args.replot:
@@ -642,12 +721,14 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": seeds,
             "methods": {k: METHODS[k].label for k in methods},
             "torch": torch.__version__,
+            "versions": versions(),
             "corpus": corpus_fingerprint() if t.name == "charlm" else None,
         }
         (args.out / f"{prefix}-{t.name}.json").write_text(json.dumps({**meta, "runs": runs}))
         (args.out / f"{prefix}-{t.name}.md").write_text(text + "\n")
         plot(t, runs, args.plots / f"{prefix}-{t.name}.png")
-    print(f"\n{len(jobs)} runs in {elapsed:.0f} s. Results in {args.out}/, plots in {args.plots}/{prefix}-*.png")
+    print("\nVersions: " + ", ".join(f"{name} {version}" for name, version in versions().items()))
+    print(f"{len(jobs)} runs in {elapsed:.0f} s. Results in {args.out}/, plots in {args.plots}/{prefix}-*.png")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import socket
 
+import numpy
 import pytest
 import torch
 
-from benchmarks import overhead, peers, robustness, sharpness, tasks
+from benchmarks import demo, overhead, peers, robustness, sharpness, tasks
 from benchmarks.demo import _option
 from benchmarks.peers import PassCounter
 from benchmarks.robustness import METHODS, Job, NewtStepper, run
 from newt import Newt
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -201,6 +205,46 @@ def test_the_table_ranks_by_the_worst_initial_rate() -> None:
     worst = [float(row.split(" | ")[4]) for row in rows]
     assert worst == sorted(worst)
     assert "Best tuned plain optimizer: Adam" in text
+
+
+def _curve_run(method: str, alpha0: float | None, loss: list[float | None]) -> dict:
+    return {
+        "method": method,
+        "alpha0": alpha0,
+        "seed": 0,
+        "curve": {"evals": list(range(1, len(loss) + 1)), "loss": loss, "rate": [1e-3] * len(loss)},
+    }
+
+
+def test_the_plot_clips_a_diverging_run_and_marks_it() -> None:
+    runs = [
+        _curve_run("adam", 1e-2, [2.0, 1.0, 0.5]),
+        _curve_run("adam", 1.0, [2.5, 4e4, None]),  # diverged: huge, then NaN (None in the JSON)
+        _curve_run(robustness.DEFAULT_NEWT, 1e-2, [2.2, 0.8, 0.4]),
+        _curve_run("prodigy", None, [2.1, 1.5, 1.0]),
+    ]
+    fig = robustness.figure(tasks.TASKS["digits"], runs)
+    ax_loss = fig.axes[0]
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels == ["Adam α0=0.01", "Adam α0=1 (off the chart)", "Newt α0=0.01", "Prodigy"]
+    top = robustness.CLIP * 2.15  # the median of the first losses 2.0, 2.1, 2.2, 2.5
+    assert ax_loss.get_ylim()[1] == pytest.approx(1.05 * top)
+    drawn = [line.get_ydata() for line in ax_loss.get_lines() if len(line.get_ydata()) == 3]
+    assert max(max(y[~numpy.isnan(y)]) for y in map(numpy.asarray, drawn)) == pytest.approx(top)
+    # Every α0 has its own colour; Adam and Newt from the same α0 share it.
+    colors = {line.get_label(): line.get_color() for line in ax_loss.get_lines() if line.get_label()[0] != "_"}
+    assert colors["Adam α0=0.01"] == colors["Newt α0=0.01"] != colors["Adam α0=1 (off the chart)"]
+
+
+def test_the_main_job_writes_only_under_an_ignored_folder_by_default() -> None:
+    import subprocess
+
+    for module in (robustness, demo):
+        defaults = [a.default for a in module.arguments()._actions if isinstance(a.default, pathlib.Path)]
+        assert defaults, module.__name__
+        for path in defaults:
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path / "x.png")], cwd=ROOT)
+            assert ignored.returncode == 0, f"{module.__name__} writes to {path}, which git does not ignore"
 
 
 def test_ablations_run_only_when_a_pattern_names_their_tag() -> None:
