@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["ABSOLUTE_SCHEDULE", "FactorLR", "ScheduleWarning"]
@@ -40,6 +42,14 @@ class FactorLR(torch.optim.lr_scheduler.LambdaLR):
             ``get_scheduler``).
         last_epoch: As for ``LambdaLR``.
     """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_lambda: Callable[[int], float] | list[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        super().__init__(optimizer, lr_lambda, last_epoch)
 
     def get_lr(self) -> list[float | torch.Tensor]:
         """Each group's rate times the ratio of this step's factor to the one it was written for."""

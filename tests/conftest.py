@@ -19,6 +19,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Here rather than in pyproject.toml, so that a copy of tests/ run against the installed wheel knows it.
+    config.addinivalue_line("markers", "slow: training runs of a few hundred steps (still part of the default run)")
+
+
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.register_profile(
     "ci",
