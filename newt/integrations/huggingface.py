@@ -125,7 +125,7 @@ class NewtTrainer(NewtTrainerMixin, transformers.Trainer):
     Without ``optimizers=``, the Trainer's own optimizer (from ``optim``, ``learning_rate`` and
     ``weight_decay``) is wrapped in a ``Newt`` with ``newt_options``. ``lr_scheduler_type`` (and
     the warm-up arguments) becomes a factor on ``Newt``'s rate, unless ``optimizers=`` also
-    holds a chainable scheduler of yours.
+    holds a scheduler of yours, which is kept as it is (use a chainable one).
     """
 
 
