@@ -80,7 +80,7 @@ from benchmarks.peers import (
     ScheduleFreeStepper,
     Stepper,
 )
-from benchmarks.tasks import TASKS, Task, corpus_fingerprint, loss_fn
+from benchmarks.tasks import TASKS, Task, corpus_fingerprint
 from newt import Newt
 
 RATES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -151,6 +151,10 @@ class NewtStepper(Stepper):
 
     def summary(self) -> dict[str, Any]:
         return {"rejected": int(self.optimizer.state_dict()["newt"]["rejected"])}
+
+    def rate_bounds(self) -> tuple[float, float]:
+        """The bounds Newt keeps its rate in (a run pinned at one is a finding)."""
+        return self.optimizer.options.alpha_min, self.optimizer.options.alpha_max
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,11 @@ def batch_generator(seed: int) -> torch.Generator:
 
 def run(job: Job) -> dict[str, Any]:
     """Train one method from one initial rate until the budget is spent; evaluate; time it."""
-    task, method = TASKS[job.task], METHODS[job.method]
+    return run_on(TASKS[job.task], METHODS[job.method], job)
+
+
+def run_on(task: Task, method: Method, job: Job) -> dict[str, Any]:
+    """:func:`run` with the task and the method given (``job`` names them in the results)."""
     data = task.load()
     model = task.model(job.seed)
     # The same initialisation and the same batch sequence for every method with a given seed.
@@ -289,6 +297,7 @@ def run(job: Job) -> dict[str, Any]:
         return data.sample(batches, task.batch_size)
 
     context = Context(budget=job.budget, batches=iter(draw, None))
+    initial_loss, _ = task.evaluate(model, data)
     stepper = method.build(model, job.alpha0 if job.alpha0 is not None else math.nan, context)
     counter = PassCounter(model)  # after build: DoG's averager copies the model, hooks and all
     losses: list[float] = []
@@ -300,7 +309,7 @@ def run(job: Job) -> dict[str, Any]:
     start = time.perf_counter()
     while counter.cost < job.budget:
         x, y = draw()
-        loss = stepper.step(lambda: counter.watch(loss_fn(model(x), y)))
+        loss = stepper.step(lambda: counter.watch(task.loss(model(x), y)))
         losses.append(loss)
         rates.append(stepper.rate())
         costs.append(counter.cost)
@@ -312,6 +321,8 @@ def run(job: Job) -> dict[str, Any]:
     stepper.eval()
     train_loss, metric = task.evaluate(stepper.eval_model(model), data)
     diverged = diverged or not math.isfinite(train_loss)
+    bounds = stepper.rate_bounds() if hasattr(stepper, "rate_bounds") else None
+    at_bound = sum(1 for r in rates if bounds and (r <= bounds[0] or r >= bounds[1]))
     return {
         **asdict(job),
         "train_loss": None if diverged else train_loss,
@@ -323,6 +334,8 @@ def run(job: Job) -> dict[str, Any]:
         "steps": len(losses),
         "seconds": seconds,
         "final_rate": rates[-1] if rates else None,
+        "initial_loss": initial_loss,
+        "steps_at_bound": at_bound,
         **stepper.summary(),
         "curve": _curve(costs, losses, rates),
     }
@@ -505,7 +518,7 @@ def _targets(task: Task, rows: list[Row], best_plain: Row | None) -> list[str]:
 
 # Okabe and Ito's palette, told apart with every common colour-vision deficiency.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442"]
-PEER_STYLES = [("#000000", "--"), ("#777777", "-."), ("#000000", ":"), ("#777777", (0, (5, 1, 1, 1)))]
+PEER_STYLES = [("#000000", "--"), ("#777777", "-."), ("#000000", (0, (6, 2, 1, 2, 1, 2))), ("#777777", "--")]
 CLIP = 3.0
 """The loss axis ends at this many times the median first loss: a diverging run would squash the rest."""
 
@@ -571,8 +584,9 @@ def figure(task: Task, runs: list[dict[str, Any]]) -> Any:
         for ax in (ax_loss, ax_rate):
             ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax_loss.get_legend_handles_labels()
-        fig.legend(handles, labels, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.02), frameon=False)
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        rows = math.ceil(len(labels) / 4)
+        fig.legend(handles, labels, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 0.0), frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
     return fig
 
 
