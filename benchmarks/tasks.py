@@ -188,6 +188,8 @@ class Dataset:
 
     def sample(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A random mini-batch (with replacement) drawn from ``generator`` only."""
+        if self.stream is None and batch_size >= len(self.x_train):
+            return self.x_train, self.y_train  # full batch: the whole training set every step
         if self.stream is None:
             idx = torch.randint(0, len(self.x_train), (batch_size,), generator=generator)
             return self.x_train[idx], self.y_train[idx]
@@ -208,7 +210,8 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Task:
     """A benchmark task: data, model, batch size, budgets (gradient evaluations) and test metric.
 
-    ``metric`` is ``"accuracy"`` (higher is better) or ``"test bits/byte"`` (lower is better).
+    ``metric`` is ``"accuracy"`` (higher is better), ``"test bits/byte"`` or ``"test loss"``
+    (lower is better). ``loss`` is the training loss (mean cross-entropy unless given).
     """
 
     name: str
@@ -219,6 +222,7 @@ class Task:
     budget: int
     quick_budget: int
     metric: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn
 
     @property
     def higher_is_better(self) -> bool:
@@ -230,7 +234,7 @@ class Task:
         was_training = model.training
         model.eval()
         try:
-            train_loss = _mean_loss(model, data.x_train, data.y_train, chunk)
+            train_loss = _mean_loss(model, data.x_train, data.y_train, chunk, self.loss)
             if self.higher_is_better:
                 correct = sum(
                     int((model(x).argmax(-1) == y).sum())
@@ -238,16 +242,18 @@ class Task:
                 )
                 metric = correct / len(data.y_test)
             else:
-                metric = _mean_loss(model, data.x_test, data.y_test, chunk) / math.log(2)
+                metric = _mean_loss(model, data.x_test, data.y_test, chunk, self.loss)
+                if self.metric == "test bits/byte":
+                    metric /= math.log(2)
         finally:
             model.train(was_training)
         return train_loss, metric
 
 
-def _mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+def _mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, loss: Callable = loss_fn) -> float:
     total = 0.0
     for xc, yc in zip(x.split(chunk), y.split(chunk)):
-        total += float(loss_fn(model(xc), yc)) * yc.numel()
+        total += float(loss(model(xc), yc)) * yc.numel()
     return total / y.numel()
 
 
