@@ -614,6 +614,8 @@ FIGURE_PACKAGES = (
     "dog-optimizer",
     "dadaptation",
     "schedulefree",
+    "gen-optim",
+    "scipy",
 )
 """The packages whose versions move the figures (the data, the kernels, the peers)."""
 

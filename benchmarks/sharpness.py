@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.robustness import METHODS, TASKS, Context, batch_generator, loss_fn
+from benchmarks.robustness import METHODS, TASKS, Context, batch_generator
+from benchmarks.tasks import loss_fn
 
 Tensors = Sequence[torch.Tensor]
 

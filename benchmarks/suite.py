@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.peers import DAdaptAdamStepper, DoGStepper, ProdigyStepper, Stepper
-from benchmarks.robustness import RATES, Job, Method, NewtStepper, _init_worker, run_on
+from benchmarks.robustness import RATES, Job, Method, NewtStepper, _init_worker, run_on, versions
 from benchmarks.tasks import CharTransformer, Dataset, Task, digits, loss_fn, mnist1d_cached
 from newt import Newt
 
@@ -182,6 +182,15 @@ def prose() -> Dataset:
     # The full-training-set loss over 13k windows is slow for a benchmark: a fixed tenth of them.
     keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: len(train_x) // 10]
     return Dataset(train_x[keep], train_y[keep], test_x, test_y, stream=tokens[:split])
+
+
+def prose_fingerprint() -> str:
+    """The size and SHA-256 prefix of the prose text (it changes with the Python release)."""
+    import hashlib
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics)).encode("ascii", "replace")
+    return f"{len(text)} bytes, sha256 {hashlib.sha256(text).hexdigest()[:12]}"
 
 
 # ---------------------------------------------------------------------------- models
@@ -592,7 +601,10 @@ def table(entry: SuiteTask, runs: list[dict[str, Any]], rates: list[float], seed
         return _loss(value - entry.offset)
 
     for summary in sorted(rows.values(), key=lambda s: (s.worst, s.mean)):
-        cells = [shown(summary.loss_at.get(a, math.nan)) if None not in summary.loss_at else "—" for a in rates]
+        cells = [
+            "—" if None in summary.loss_at else shown(summary.loss_at[a]) if a in summary.loss_at else "not run"
+            for a in rates
+        ]
         lines.append(
             f"| {summary.label} | "
             + " | ".join(cells)
@@ -621,8 +633,8 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> str:
             if key not in rows:
                 continue
             mine, peers = rows[key], [rows[p] for p in PEERS if p in rows]
-            counts[0] += all(mine.worst <= p.worst for p in peers)
-            counts[1] += all(mine.mean < p.mean for p in peers)
+            counts[0] += bool(peers) and all(mine.worst <= p.worst for p in peers)
+            counts[1] += bool(peers) and all(mine.mean < p.mean for p in peers)
             counts[2] += mine.above_initial == 0
             counts[3] += mine.bound_share <= 0.05
             plain = rows.get("plain")
@@ -690,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         results[name] = runs
         texts.append(table(SUITE[name], runs, args.rates, args.seeds))
-        (args.out / f"{name}.json").write_text(json.dumps({"task": name, "half": SUITE[name].half, "runs": runs}))
+        meta = {"task": name, "half": SUITE[name].half, "versions": versions(), "python_docs": prose_fingerprint()}
+        (args.out / f"{name}.json").write_text(json.dumps({**meta, "runs": runs}))
     texts.append(targets(results))
     text = "\n\n".join(texts)
     print("\n\n" + text)

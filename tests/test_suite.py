@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from benchmarks import suite
-from benchmarks.robustness import Job
+from benchmarks.robustness import Job, Method, NewtStepper, run_on
+from newt import Newt
+from tests.test_benchmark_tasks import offline  # noqa: F401 - the fixture that blocks the network
 
 
 def test_the_split_is_the_one_fixed_before_any_tuning():
@@ -44,7 +46,7 @@ def test_the_split_is_the_one_fixed_before_any_tuning():
 
 
 @pytest.mark.parametrize("name", sorted(suite.SUITE))
-def test_every_task_loads_offline_builds_its_model_and_evaluates(name):
+def test_every_task_loads_offline_builds_its_model_and_evaluates(name, offline):  # noqa: F811
     entry = suite.SUITE[name]
     data = entry.task.load()
     model = entry.task.model(0)
@@ -87,10 +89,23 @@ def test_a_run_reports_its_initial_loss_and_its_steps_at_a_rate_bound():
     result = suite.run_suite_job(Job("wine", "newt", 1e-3, 0, budget=20))
     assert result["steps"] == 10  # a lookahead step costs two evaluations
     assert math.isfinite(result["initial_loss"]) and result["initial_loss"] > result["train_loss"]
-    assert 0 <= result["steps_at_bound"] <= result["steps"]
+    assert result["steps_at_bound"] == 0  # from 1e-3 the rate stays far from 1e-10 and 1e4
     plain = suite.run_suite_job(Job("wine", "plain", 1e-3, 0, budget=20))
     assert plain["steps"] == 20 and plain["steps_at_bound"] == 0  # a plain optimizer has no bounds
     assert plain["initial_loss"] == result["initial_loss"]  # the same start for every method
+
+
+def test_a_rate_held_at_its_bound_is_counted_at_every_step():
+    # alpha_max at the initial rate: wine's rate wants to grow from 1e-3 (the rule keeps or grows
+    # it on every one of these steps), so after every step it is the bound.
+    def build(model, lr, context):
+        opt = Newt(torch.optim.Adam(model.parameters(), lr=lr), alpha_max=lr, start_armijo=0.0)
+        return NewtStepper(opt, closure_free=False)
+
+    method = Method("capped", "capped", "newt", True, build)
+    entry = suite.SUITE["wine"]
+    result = run_on(entry.task, method, Job("wine", "capped", 1e-3, 0, budget=20))
+    assert result["steps"] == 10 and result["steps_at_bound"] == 10
 
 
 def _run(method, alpha0, loss, initial=1.0, metric=0.9, steps=10, at_bound=0):
