@@ -394,18 +394,24 @@ class Row:
         return self.loss_at[self.worst_alpha0]
 
 
+def per_alpha0(runs: list[dict[str, Any]]) -> tuple[dict[float | None, float], dict[float | None, float]]:
+    """One method's runs: per α0, the final training loss (inf: diverged) and the test metric, means over seeds."""
+    loss_at: dict[float | None, float] = {}
+    metric_at: dict[float | None, float] = {}
+    for alpha0 in dict.fromkeys(r["alpha0"] for r in runs):
+        seeds = [r for r in runs if r["alpha0"] == alpha0]
+        loss_at[alpha0] = statistics.fmean(math.inf if r["diverged"] else r["train_loss"] for r in seeds)
+        metrics = [r["metric"] for r in seeds if r["metric"] is not None]
+        metric_at[alpha0] = statistics.fmean(metrics) if metrics else math.nan
+    return loss_at, metric_at
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[Row]:
     """One row per method, ranked by the worst-α0 final training loss."""
     rows = []
     for key in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == key]
-        loss_at: dict[float | None, float] = {}
-        metric_at: dict[float | None, float] = {}
-        for alpha0 in dict.fromkeys(r["alpha0"] for r in mine):
-            seeds = [r for r in mine if r["alpha0"] == alpha0]
-            loss_at[alpha0] = statistics.fmean(math.inf if r["diverged"] else r["train_loss"] for r in seeds)
-            metrics = [r["metric"] for r in seeds if r["metric"] is not None]
-            metric_at[alpha0] = statistics.fmean(metrics) if metrics else math.nan
+        loss_at, metric_at = per_alpha0(mine)
         rows.append(
             Row(
                 METHODS[key],
@@ -423,10 +429,11 @@ def _loss(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else "div."
 
 
-def _metric(task: Task, value: float) -> str:
+def _metric(task: Task, value: float, spec: str = ".3f") -> str:
+    """An accuracy in percent, or a loss-like metric in the format ``spec``."""
     if not math.isfinite(value):
         return "n/a"
-    return f"{100 * value:.1f}%" if task.higher_is_better else f"{value:.3f}"
+    return f"{100 * value:.1f}%" if task.higher_is_better else f"{value:{spec}}"
 
 
 def table(task: Task, runs: list[dict[str, Any]], rates: list[float], seeds: int, budget: float) -> str:

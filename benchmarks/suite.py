@@ -45,7 +45,18 @@ import torch
 from torch import nn
 
 from benchmarks.peers import DAdaptAdamStepper, DoGStepper, ProdigyStepper, Stepper
-from benchmarks.robustness import RATES, Job, Method, NewtStepper, _init_worker, run_on, versions
+from benchmarks.robustness import (
+    RATES,
+    Job,
+    Method,
+    NewtStepper,
+    _init_worker,
+    _loss,
+    _metric,
+    per_alpha0,
+    run_on,
+    versions,
+)
 from benchmarks.tasks import CharTransformer, Dataset, Task, digits, loss_fn, mnist1d_cached
 from newt import Newt
 
@@ -547,12 +558,7 @@ def summarize(entry: SuiteTask, runs: list[dict[str, Any]]) -> dict[str, Summary
     out = {}
     for key in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == key]
-        loss_at, metric_at = {}, {}
-        for alpha0 in dict.fromkeys(r["alpha0"] for r in mine):
-            seeds = [r for r in mine if r["alpha0"] == alpha0]
-            loss_at[alpha0] = statistics.fmean(math.inf if r["diverged"] else r["train_loss"] for r in seeds)
-            metrics = [r["metric"] for r in seeds if r["metric"] is not None]
-            metric_at[alpha0] = statistics.fmean(metrics) if metrics else math.nan
+        loss_at, metric_at = per_alpha0(mine)
         out[key] = Summary(
             rows[key][0].label,
             loss_at,
@@ -565,16 +571,6 @@ def summarize(entry: SuiteTask, runs: list[dict[str, Any]]) -> dict[str, Summary
             steps=statistics.fmean(r["steps"] for r in mine),
         )
     return out
-
-
-def _loss(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else "div."
-
-
-def _metric(task: Task, value: float) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    return f"{100 * value:.1f}%" if task.higher_is_better else f"{value:.3g}"
 
 
 def table(entry: SuiteTask, runs: list[dict[str, Any]], rates: list[float], seeds: int) -> str:
@@ -609,7 +605,7 @@ def table(entry: SuiteTask, runs: list[dict[str, Any]], rates: list[float], seed
             f"| {summary.label} | "
             + " | ".join(cells)
             + f" | {shown(summary.mean)} | {shown(summary.worst)} "
-            f"| {_metric(task, summary.metric_at[summary.worst_alpha0])} "
+            f"| {_metric(task, summary.metric_at[summary.worst_alpha0], '.3g')} "
             f"| {summary.above_initial} of {summary.runs} | {100 * summary.bound_share:.0f}% | {summary.steps:.0f} "
             f"| {summary.seconds_per_step / plain_seconds:.2f} |"
         )
