@@ -41,11 +41,16 @@ class Newt(torch.optim.Optimizer):
 
     Args:
         inner: The optimizer whose steps are taken; its learning rates are the initial rates.
-        strategy: ``"auto"`` (the default), ``"gen"``, ``"taylor"``, ``"retsinas"`` (see
-            :mod:`newt.rules`), or a callable with the signature of those rules.
+        strategy: ``"auto"`` (the default), ``"gen"``, ``"taylor"``, ``"retsinas"``,
+            ``"gen-three-point"``, ``"gen-exact"`` (see :mod:`newt.rules`), or a callable with
+            the signature of those rules.
         update_every: Adapt the rate every ``update_every`` steps only (lazy mode with a
             closure; blocks of steps closure-free).
         per_group: Adapt each param group's rate from its own slopes (``retsinas``, ``gen``).
+        forward_only: With a closure and ``gen`` (or ``"auto"``), evaluate only the loss at the
+            lookahead point: the closure's ``backward()`` is skipped there and its forward pass
+            builds no graph (``docs/modes.md``, "Forward-only lookahead"). ``gen-three-point``
+            and ``gen-exact`` always measure the lookahead this way.
         max_grad_norm: Clip the gradients the inner step uses to this total norm, as
             ``torch.nn.utils.clip_grad_norm_`` would; the rule still measures the unclipped
             gradients (clipping inside the closure would clip the two calls differently).
@@ -75,6 +80,7 @@ class Newt(torch.optim.Optimizer):
         *,
         update_every: int = 1,
         per_group: bool = False,
+        forward_only: bool = False,
         max_grad_norm: float | None = None,
         policies: Policies | None = None,
         rule_options: RuleOptions | None = None,
@@ -85,7 +91,9 @@ class Newt(torch.optim.Optimizer):
     ) -> None:
         rule_options, policies = merged(rule_options, policies, options)
         check_inner(inner, rule_options)
-        settings = Settings.build(strategy, rule_options, policies, update_every, per_group, grad_scaler, max_grad_norm)
+        settings = Settings.build(
+            strategy, rule_options, policies, update_every, per_group, grad_scaler, max_grad_norm, forward_only
+        )
         measurer = Measurer(check_option("foreach", foreach), process_group)
         # Optimizer.__init__ sets up the hook registries; it builds throwaway groups that are
         # replaced right after by the inner optimizer's own list (see add_param_group).
@@ -180,7 +188,7 @@ class Newt(torch.optim.Optimizer):
             work.probe = None  # the closure-free step reuses the snapshot buffer
             return self._closure_free.step(work, loss)
         work.pending = None  # a closure step ends any closure-free measurement in progress
-        return self._closure_mode.step(work, torch.enable_grad()(closure))
+        return self._closure_mode.step(work, closure)
 
     def give_loss(self, loss: torch.Tensor | float) -> None:
         """Give the next closure-free ``step()`` its loss, for loops that call ``step()`` bare.

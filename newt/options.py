@@ -109,6 +109,7 @@ OPTIONS: Mapping[str, OptionSpec] = {
         "count", "1 adapts the rate every step, e.g. 4 adapts it every fourth step.", low=1, high=math.inf
     ),
     "per_group": OptionSpec("flag", "per_group adapts each param group's rate on its own."),
+    "forward_only": OptionSpec("flag", "forward_only skips the backward pass at the lookahead point."),
     "max_grad_norm": _real(
         0, math.inf, True, False, "max_grad_norm clips the gradients the inner step uses, e.g. 1.0 (None: no clipping)."
     ),

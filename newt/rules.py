@@ -44,7 +44,9 @@ __all__ = [
     "RuleOptions",
     "RuleSpec",
     "gen",
+    "gen_exact",
     "gen_slopes",
+    "gen_three_point",
     "guard_custom_rule",
     "retsinas",
     "scheduled_proposal",
@@ -103,6 +105,18 @@ def _gen_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float 
 def _gen_slopes_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
     # the parabola through the two slopes g'(0) = -d0 / alpha and g'(alpha) = -d1 / alpha
     return guarded_ratio(d0, d0 - d1, _scale(d0, d1), eps)
+
+
+def _three_point_ratio(f0: float, f1: float, d0: float, d1: float, eps: float) -> float | None:
+    # the parabola through g(-alpha) = f_back, g(0) = f0 and g(alpha) = f1, passed with its
+    # curvature as d1 = d0 - C, C = f_back - 2 f0 + f1 (see RuleSpec.lookahead)
+    curvature = d0 - d1
+    return _three_point(f0, f1, curvature + 2.0 * f0 - f1, eps)
+
+
+def _three_point(f0: float, f1: float, f_back: float, eps: float) -> float | None:
+    curvature = f_back - 2.0 * f0 + f1
+    return guarded_ratio(f_back - f1, 2.0 * curvature, 2.0 * (abs(f_back - f0) + abs(f1 - f0)), eps)
 
 
 def _damped_newton(alpha: float, ratio: float | None, options: RuleOptions) -> Proposal:
@@ -194,6 +208,61 @@ def gen_slopes(
     return _smoothed_parabola(alpha, _gen_slopes_ratio(f0, f1, d0, d1, options.eps), options)
 
 
+def gen_exact(alpha: float, d0: float, curvature: float, options: RuleOptions = DEFAULT_OPTIONS) -> Proposal:
+    """Exact GeN: the minimiser of the local quadratic with the curvature of a Hessian-vector product.
+
+    Bu and Xu, "Automatic gradient descent with generalized Newton's method", 2024, the exact
+    version. With the step ``d = alpha * w`` and the Hessian ``H`` at ``theta_t``, the quadratic
+    ``g(a) = f0 - (d0 / alpha) a + (curvature / alpha^2) a^2 / 2`` with ``curvature = d^T H d``
+    has its minimum at ``delta = alpha * d0 / curvature = <grad L, w> / (w^T H w)``::
+
+        alpha_next = smoothing * alpha + (1 - smoothing) * delta
+
+    When the curvature is not safely positive the rate is kept. This is ``gen_slopes`` with the
+    exact ``d^T H d`` in place of the gradient difference ``d0 - d1``.
+    """
+    if _invalid_inputs(alpha, d0, curvature):
+        return shrunk_rate(alpha, options)
+    d1 = d0 - curvature  # the slope at the lookahead point on that quadratic
+    return _smoothed_parabola(alpha, _gen_slopes_ratio(0.0, 0.0, d0, d1, options.eps), options)
+
+
+def gen_three_point(
+    alpha: float, f0: float, f1: float, f_back: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
+    """Backpropagation-free GeN: the parabola through three loss values along the step.
+
+    Bu and Xu (2024), the approximate version. With ``f1 = L(theta - d)`` (the lookahead
+    point), ``f0 = L(theta)`` and ``f_back = L(theta + d)``, the parabola through the three
+    has its minimum at::
+
+        delta = (alpha / 2) (f_back - f1) / (f_back - 2 f0 + f1)
+        alpha_next = smoothing * alpha + (1 - smoothing) * delta
+
+    When the parabola is not convex (``f_back - 2 f0 + f1`` not safely positive against the
+    two changes ``|f_back - f0| + |f1 - f0|``) the rate is kept. No slope is read.
+    """
+    if _invalid_inputs(alpha, f0, f1, f_back):
+        return shrunk_rate(alpha, options)
+    return _smoothed_parabola(alpha, _three_point(f0, f1, f_back, options.eps), options)
+
+
+def _gen_exact_rule(
+    alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
+    return gen_exact(alpha, d0, d0 - d1, options)
+
+
+def _three_point_rule(
+    alpha: float, f0: float, f1: float, d0: float, d1: float, options: RuleOptions = DEFAULT_OPTIONS
+) -> Proposal:
+    if _invalid_inputs(alpha, f0, f1, d0, d1):
+        return shrunk_rate(alpha, options)
+    return _smoothed_parabola(alpha, _three_point_ratio(f0, f1, d0, d1, options.eps), options)
+
+
+_gen_exact_rule.__name__, _three_point_rule.__name__ = "gen_exact", "gen_three_point"
+
 Ratio = Callable[[float, float, float, float, float], float | None]
 
 
@@ -209,11 +278,20 @@ class RuleSpec:
         newton: Whether the ratio is a Newton increment (the line-minimiser estimate is
             ``alpha * (1 + ratio)``) or a parabola minimiser (``alpha * ratio``).
         reads_losses: Whether the rule reads ``f0`` and ``f1``.
-        slope_form: The name of the rule's form that reads only the slopes (None for a custom
-            rule): ``Newt`` uses it on a step whose predicted change is below the rounding of
-            the loss values, where ``f1 - f0`` is rounding alone.
+        slope_form: The name of the rule's form that reads only the slopes: ``Newt`` uses it on
+            a step whose predicted change is below the rounding of the loss values, where
+            ``f1 - f0`` is rounding alone. None for a custom rule, and for a rule whose step
+            measures no slope at the lookahead point: such a step measured nothing, and the
+            rate grows by ``max_factor`` (``"linear"``).
         loss_free: The name of the rule a strategy of this name applies where no loss values
             are measured (closure-free steps, per-group rates); None where it has none.
+        lookahead: What a closure step measures besides ``f0`` and ``d0`` (``docs/math.md``,
+            "What a step measures"): ``"gradient"``, the loss and the gradient at the lookahead
+            point (``d1``); ``"loss"``, the loss there only (forward only); ``"three-point"``,
+            the loss there and at ``theta + d`` (forward only); ``"hessian"``, the loss there
+            (forward only) and ``d^T H d`` at ``theta_t`` (a Hessian-vector product). Where
+            ``d1`` is not measured the step passes the rule ``d1 = d0 - C``, the slope at the
+            lookahead point of the parabola it measured, whose curvature is ``C``.
     """
 
     name: str
@@ -223,6 +301,7 @@ class RuleSpec:
     reads_losses: bool = True
     slope_form: str | None = None
     loss_free: str | None = None
+    lookahead: str = "gradient"
 
     @property
     def builtin(self) -> bool:
@@ -235,10 +314,17 @@ RULES: Mapping[str, RuleSpec] = {
     "taylor": RuleSpec("taylor", taylor, _taylor_ratio, True, True, "retsinas", None),
     "gen": RuleSpec("gen", gen, _gen_ratio, False, True, "gen-slopes", "gen-slopes"),
     "gen-slopes": RuleSpec("gen-slopes", gen_slopes, _gen_slopes_ratio, False, False, "gen-slopes", "gen-slopes"),
+    # the curvature of a Hessian-vector product is exact at any step length: it is its own slope form
+    "gen-exact": RuleSpec("gen-exact", _gen_exact_rule, _gen_slopes_ratio, False, False, "gen-exact", None, "hessian"),
+    "gen-three-point": RuleSpec(
+        "gen-three-point", _three_point_rule, _three_point_ratio, False, True, None, None, "three-point"
+    ),
 }
 """The built-in rules by name: the one table every other view of them is read from."""
 
-STRATEGIES: Mapping[str, Rule] = {name: RULES[name].rule for name in ("retsinas", "taylor", "gen")}
+STRATEGIES: Mapping[str, Rule] = {
+    name: RULES[name].rule for name in ("retsinas", "taylor", "gen", "gen-exact", "gen-three-point")
+}
 """The strategies a user names, and their rules (``"auto"`` picks among them per step)."""
 
 _ENTRY_OF = {spec.rule: spec for spec in RULES.values()}

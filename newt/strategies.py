@@ -9,12 +9,12 @@ for each case, once, at construction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from newt.rules import RULES, STRATEGIES, RuleSpec, guard_custom_rule
+from newt.rules import RULES, STRATEGIES, RuleSpec, gen, guard_custom_rule
 
-__all__ = ["AUTO", "Strategy", "resolve"]
+__all__ = ["AUTO", "Strategy", "forward_only", "measured_forward_only", "resolve"]
 
 AUTO = "auto"
 """The default strategy: ``gen`` with a closure (lookahead and lazy modes), and closure-free
@@ -67,3 +67,40 @@ def resolve(strategy: str | Callable[..., Any]) -> Strategy:
         name = getattr(strategy, "__name__", "custom")
         return Strategy(name, RuleSpec(name, guard_custom_rule(strategy)), None, None, strategy)
     raise TypeError(f"strategy must be one of {names} or a callable, got {strategy!r}.")
+
+
+def forward_only(spec: RuleSpec) -> RuleSpec:
+    """``spec`` measured without a backward pass at the lookahead point (``forward_only=True``).
+
+    ``gen`` reads no gradient there, and the strategies that measure their curvature otherwise
+    (``gen-exact``, ``gen-three-point``) never run one. A step whose predicted change is below
+    the losses' rounding then has no slope form to fall back on: it measured nothing, and the
+    rate grows.
+
+    Raises:
+        ValueError: The rule reads the lookahead's gradient (``retsinas``, ``taylor``, a custom rule).
+    """
+    if spec.lookahead != "gradient":
+        return spec
+    if spec.rule is not gen:
+        raise ValueError(
+            f"forward_only=True skips the backward pass at the lookahead point, but strategy {spec.name!r} "
+            "reads the gradient there (d1): use it with strategy='gen', 'gen-three-point' or 'gen-exact', "
+            "or leave forward_only off."
+        )
+    return replace(spec, lookahead="loss", slope_form=None)
+
+
+def measured_forward_only(strategy: Strategy, per_group: bool) -> Strategy:
+    """``strategy`` with its closure steps' lookahead measured forward only (``forward_only=True``).
+
+    Raises:
+        ValueError: ``per_group`` (each group's rate reads its own slope at the lookahead
+            point), or a rule that reads the gradient there.
+    """
+    if per_group:
+        raise ValueError(
+            "forward_only=True measures no gradient at the lookahead point, and per_group=True adapts "
+            "each group from its own slope there: use one of the two."
+        )
+    return replace(strategy, with_losses=forward_only(strategy.with_losses))

@@ -323,21 +323,30 @@ def test_alpha_max_wins_over_the_factor_clamp():
 
 
 def test_strategy_map_names_every_builtin_rule():
-    assert STRATEGIES == {"retsinas": retsinas, "taylor": taylor, "gen": gen}
-
-
-def test_the_rule_table_gives_every_rule_a_slope_form_that_reads_no_loss_values():
-    assert {name: spec.rule for name, spec in RULES.items()} == {
+    assert STRATEGIES == {
         "retsinas": retsinas,
         "taylor": taylor,
         "gen": gen,
-        "gen-slopes": gen_slopes,
+        "gen-exact": RULES["gen-exact"].rule,
+        "gen-three-point": RULES["gen-three-point"].rule,
     }
+
+
+def test_the_rule_table_gives_every_rule_a_slope_form_that_reads_no_loss_values():
+    assert {name: spec.rule for name, spec in RULES.items() if not name.startswith("gen-")} == {
+        "retsinas": retsinas,
+        "taylor": taylor,
+        "gen": gen,
+    }
+    assert RULES["gen-slopes"].rule is gen_slopes
     for spec in RULES.values():
         assert spec.name in RULES and spec.builtin
-        assert not RULES[spec.slope_form].reads_losses
+        # a step that measures no slope at the lookahead point has no slope form
+        assert (spec.slope_form is None) == (spec.lookahead == "three-point")
+        assert spec.slope_form is None or not RULES[spec.slope_form].reads_losses
         assert spec.loss_free is None or not RULES[spec.loss_free].reads_losses
     assert RULES["taylor"].loss_free is None  # taylor needs the loss values: no closure-free form
+    assert RULES["gen-exact"].loss_free is None and RULES["gen-three-point"].loss_free is None
 
 
 @all_rules

@@ -18,7 +18,7 @@ from newt.pipeline.gather import Gathered, first_call
 from newt.pipeline.measure import Measurer
 from newt.pipeline.record import record, record_plain
 from newt.policies import AscentHold, BlowUpCheck, NonfiniteCheck, RiseCheck, SpikeTest, StartTest
-from newt.strategies import Strategy, resolve
+from newt.strategies import Strategy, measured_forward_only, resolve
 
 __all__ = ["Mode", "Settings"]
 
@@ -49,17 +49,21 @@ class Settings:
         per_group: object,
         grad_scaler: object,
         max_grad_norm: object = None,
+        forward_only: object = False,
     ) -> Settings:
         """The options resolved once: the strategy's rules, the policy objects, the step's structure.
 
         Raises:
-            ValueError: ``per_group=True`` with a strategy that needs the loss values, or an
-                option out of range.
+            ValueError: ``per_group=True`` with a strategy that needs the loss values,
+                ``forward_only=True`` with one that reads the lookahead's gradient (or with
+                ``per_group=True``), or an option out of range.
             TypeError: ``grad_scaler`` is not a GradScaler, or an option has the wrong type.
         """
         resolved = resolve(strategy)
         update_every = check_option("update_every", update_every)
         per_group = check_option("per_group", per_group)
+        if check_option("forward_only", forward_only):
+            resolved = measured_forward_only(resolved, per_group)
         if per_group and resolved.without_losses is None:
             raise ValueError(
                 f"per_group=True adapts each group from its own slopes d0, d1, which strategy "
@@ -112,10 +116,11 @@ class Mode:
     def first_call(self, closure: Callable[[], Any]) -> tuple[Any, torch.Tensor, BufferRecord | None]:
         """The closure at ``theta_t``: its return value, the loss, and (when non-finite steps are
         rejected) the module buffers as they were before it, to put back if the step is."""
-        if not self.settings.checks.nonfinite.reject:
-            return (*first_call(closure), None)
-        with recorded_module_buffers() as record:
-            loss, f0 = first_call(closure)
+        with torch.enable_grad():
+            if not self.settings.checks.nonfinite.reject:
+                return (*first_call(closure), None)
+            with recorded_module_buffers() as record:
+                loss, f0 = first_call(closure)
         return loss, f0, record
 
     def stops_before_step(

@@ -86,8 +86,9 @@ class ClosureFree(Mode):
         strategy = self.settings.strategy
         if strategy.without_losses is None:
             raise ValueError(
-                f"Newt.step was called without a closure, but strategy {strategy.name!r} measures "
-                "the loss at the lookahead point, which needs one: pass a closure that clears the gradients, "
+                f"Newt.step was called without a closure, but strategy {strategy.name!r} calls the closure "
+                "again along the step (the loss at the lookahead point, for some strategies also at theta_t + d "
+                "or a Hessian-vector product), which needs one: pass a closure that clears the gradients, "
                 "computes the loss on the current batch, calls backward() and returns the loss, as in "
                 "opt.step(closure); or use strategy='retsinas' or 'gen', which also work without a closure."
             )

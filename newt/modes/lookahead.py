@@ -4,7 +4,7 @@ again at the lookahead point on the same batch, then the rule."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -13,10 +13,12 @@ from newt._numerics import Proposal
 from newt._state import NoiseProbe, State
 from newt.modes.base import Mode, Settings
 from newt.modes.noise import NoiseCorrection
+from newt.pipeline.backward import BackwardRequest, curvature_along, intercepted_backward
 from newt.pipeline.decide import Measured, Verdict, decide
 from newt.pipeline.gather import Gathered, gather, loss_eps, loss_tensor
 from newt.pipeline.measure import Measurer
 from newt.policies import RiseCheck
+from newt.rules import RuleSpec
 
 __all__ = ["Lookahead"]
 
@@ -24,6 +26,31 @@ NO_GRADIENT = (
     "after the closure ran, no parameter has a gradient: the closure must call "
     "loss.backward() before returning the loss."
 )
+
+
+class Looked(NamedTuple):
+    """What a lookahead measured beyond ``f0`` and ``d0``: the lookahead loss, and by the rule's
+    ``lookahead``, the slope there, the loss at ``theta_t + d``, or ``d^T H d`` (tensors, no sync)."""
+
+    f1: torch.Tensor
+    d1: torch.Tensor | None = None
+    f_back: torch.Tensor | None = None
+    curvature: torch.Tensor | None = None
+
+
+def _lookahead_slopes(kind: str, losses: list[float], d0s: list[float], second: list[float]) -> list[float]:
+    """Each unit's ``d1``: measured (``kind == "gradient"``), or else ``d0 - C``, the slope at the
+    lookahead point of the parabola the step measured, of curvature ``C`` (``RuleSpec.lookahead``)."""
+    if kind == "gradient":
+        return second
+    f0, f1 = losses[0], losses[1]
+    if kind == "loss":  # the parabola through f0, d0 and f1
+        curvatures = [2.0 * (f1 - f0 + d0) for d0 in d0s]
+    elif kind == "three-point":  # through f_back, f0 and f1
+        curvatures = [losses[2] - 2.0 * f0 + f1] * len(d0s)
+    else:  # "hessian": d^T H d
+        curvatures = second
+    return [d0 - c for d0, c in zip(d0s, curvatures)]
 
 
 class Lookahead(Mode):
@@ -77,19 +104,15 @@ class Lookahead(Mode):
             d0 = measurer.dots(grads, local, gathered.units)
             if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
                 d0 = d0 / clip
-            del grads
             for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
                 p.grad = None
-            with replayed_rng(rng_at_start), frozen_module_buffers():
-                f1 = loss_tensor(closure(), "second (lookahead)")
-            grads = gathered.grads()
-            if all(g is None for g in grads):
-                raise RuntimeError(
-                    "the lookahead closure call produced no gradient: the closure must call "
-                    "loss.backward() every time it is called."
-                )
-            measured, noise, keys = self._measure(state, gathered, f0, f1, d0, grads, probe)
-            verdict = self._decide(state, gathered, measured, noise, grads, loss)
+            looked = self._look(closure, rng_at_start, gathered)
+            if self.rule.lookahead != "gradient":  # no gradient was computed: keep theta_t's
+                for p, g in zip(gathered.active, grads):
+                    p.grad = g
+            del grads
+            measured, noise, keys = self._measure(state, gathered, f0, d0, looked, probe)
+            verdict = self._decide(state, gathered, measured, noise, loss)
         except BaseException:
             measurer.restore(local)
             raise
@@ -102,44 +125,105 @@ class Lookahead(Mode):
         state.deferred = deferred
         return loss
 
+    @property
+    def rule(self) -> RuleSpec:
+        """The rule of a closure step (per-group rates read only the slopes)."""
+        strategy = self.settings.strategy
+        return strategy.without_losses if self.settings.per_group else strategy.with_losses
+
+    def _look(self, closure: Callable[[], Any], rng_at_start: RngState, gathered: Gathered) -> Looked:
+        """What the rule's lookahead measures, from ``theta_{t+1}`` (see ``RuleSpec.lookahead``).
+
+        Every closure call replays the first call's random state and leaves the module buffers
+        as they were. The parameters end at ``theta_{t+1}``.
+        """
+        kind, measurer, local = self.rule.lookahead, self.measurer, gathered.local
+
+        def call(which: str, *, backward: str, then: Callable[[list[BackwardRequest]], Any] | None = None) -> Any:
+            """The loss of one closure call, or ``then`` of its caught ``backward()`` calls, run
+            while the call's graph and module buffers are as the forward pass left them."""
+            with replayed_rng(rng_at_start), frozen_module_buffers():
+                if backward == "run":
+                    with torch.enable_grad():
+                        return loss_tensor(closure(), which)
+                with intercepted_backward(graph=backward == "capture") as caught:
+                    loss = loss_tensor(closure(), which)
+                return loss if then is None else then(caught.requests)
+
+        if kind == "gradient":
+            f1 = call("second (lookahead)", backward="run")
+            grads = gathered.grads()
+            if all(g is None for g in grads):
+                raise RuntimeError(
+                    "the lookahead closure call produced no gradient: the closure must call "
+                    "loss.backward() every time it is called."
+                )
+            d1 = measurer.dots(grads, local, gathered.units)
+            if self.settings.scaler is not None:  # the lookahead's gradients are still scaled
+                d1 = d1 / self.settings.scaler.get_scale()
+            return Looked(f1, d1=d1)
+        f1 = call("second (lookahead)", backward="skip")
+        if kind == "loss":
+            return Looked(f1)
+        measurer.park(local)
+        try:
+            if kind == "three-point":
+                measurer.reflect(local)
+                f_back = call("third (behind the start)", backward="skip")
+                return Looked(f1, f_back=f_back)
+            return Looked(f1, curvature=self._curvature_at_start(call, gathered))
+        finally:
+            measurer.unpark(local)
+
+    def _curvature_at_start(self, call: Callable[..., Any], gathered: Gathered) -> torch.Tensor:
+        """``d^T H d`` at ``theta_t``: the closure called there with its ``backward()`` caught,
+        then two reverse passes. The parameters are left at ``theta_t``."""
+        step = self.measurer.step_vectors()
+        self.measurer.restore(gathered.local)
+
+        def curvature(requests: list[BackwardRequest]) -> torch.Tensor:
+            if not requests:
+                raise RuntimeError(
+                    f"strategy {self.rule.name!r} differentiates the loss twice at theta_t, but the closure "
+                    "did not call backward(): the closure must call loss.backward() every time it is called."
+                )
+            return curvature_along(requests, gathered.active, step)
+
+        value = call("third (curvature at the start)", backward="capture", then=curvature)
+        if self.settings.scaler is not None:  # the closure's backward() was given the scaled loss
+            value = value / self.settings.scaler.get_scale()
+        return value.reshape(1)
+
     def _measure(
         self,
         state: State,
         gathered: Gathered,
         f0: torch.Tensor,
-        f1: torch.Tensor,
         d0: torch.Tensor,
-        grads: list[torch.Tensor | None],
+        looked: Looked,
         probe: NoiseProbe | None,
     ) -> tuple[Measured, list[float], tuple[int, ...]]:
-        """The lookahead's slope, every scalar in one reduction, and the noise shares."""
-        d1 = self.measurer.dots(grads, gathered.local, gathered.units)
-        if self.settings.scaler is not None:  # the lookahead's gradients are still scaled
-            d1 = d1 / self.settings.scaler.get_scale()
-        device = d1.device
-        parts = [torch.stack([f0.to(device), f1.to(device)]), d0.to(device), d1]
+        """Every scalar of the step in one reduction, the slopes the rule reads, and the noise shares."""
+        device = d0.device
+        losses = [f0, looked.f1] + ([] if looked.f_back is None else [looked.f_back])
+        per_unit = [t for t in (d0, looked.d1, looked.curvature) if t is not None]
+        parts = [torch.stack([loss.to(device) for loss in losses]), *(t.to(device) for t in per_unit)]
         if probe is not None:  # the previous step's fresh-batch slope rides along
             parts.append(probe.fresh.to(device))
-        values = self.measurer.reduce(torch.cat(parts), 2)
-        n = len(gathered.units)
-        measured = Measured(values[0], values[1], values[2 : 2 + n], values[2 + n : 2 + 2 * n])
+        values = self.measurer.reduce(torch.cat(parts), len(losses))
+        n, m = len(gathered.units), len(losses)
+        f0_value, f1_value = values[0], values[1]
+        d0s = values[m : m + n]
+        d1s = _lookahead_slopes(self.rule.lookahead, values[:m], d0s, values[m + n : m + 2 * n])
+        measured = Measured(f0_value, f1_value, d0s, d1s)
         state.recent_losses = RiseCheck.remembered(state.recent_losses, measured.f0)
         if probe is not None:
-            self.noise.observed(state, probe, values[2 + 2 * n :])
+            self.noise.observed(state, probe, values[m + n * len(per_unit) :])
         keys = self.noise.keys(gathered.unit_groups)
         return measured, self.noise.shares(state, keys), keys
 
-    def _decide(
-        self,
-        state: State,
-        gathered: Gathered,
-        measured: Measured,
-        noise: list[float],
-        grads: list[torch.Tensor | None],
-        loss: Any,
-    ) -> Verdict:
-        settings = self.settings
-        rule = settings.strategy.without_losses if settings.per_group else settings.strategy.with_losses
+    def _decide(self, state: State, gathered: Gathered, measured: Measured, noise: list[float], loss: Any) -> Verdict:
+        settings, rule = self.settings, self.rule
         # Keeping the rate on an uphill step is safe only where every step is measured and a
         # spike undoes it (not in lazy mode, whose plain steps run at the kept rate unguarded);
         # a custom rule's answer to an uphill step is its own choice.
@@ -153,7 +237,7 @@ class Lookahead(Mode):
             probation=settings.start.on_probation(state),
             loss_eps=loss_eps(loss),
             hold_ascents=hold_ascents,
-            gradient_nonzero=lambda unit: self.measurer.nonzero(gathered.split(grads)[unit]),
+            gradient_nonzero=lambda unit: self.measurer.nonzero(gathered.split(gathered.grads())[unit]),
         )
         if verdict.proven:
             state.start_proven = True

@@ -173,7 +173,10 @@ def _rule_proposal(
     if rule.builtin and abs(d0) <= resolution:
         # The step's predicted change is below the loss values' rounding, so f1 - f0 is
         # rounding alone: gen read f1 == f0 as a parabola with its minimum at alpha / 2 and
-        # halved a tiny start forever. The slopes still measure the line.
+        # halved a tiny start forever. The slopes still measure the line, where the step
+        # measured one at the lookahead point; where it did not, it measured nothing.
+        if rule.slope_form is None:
+            return grown_rate(rate.adapted, options, Decision.LINEAR), (d0_unit, d1_unit, f0)
         unit_rule, f1_seen = RULES[rule.slope_form], f0
     if rate.multiplier == 1.0:
         proposal = unit_rule.rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)

@@ -29,6 +29,7 @@ class Measurer:
         self.buffer: list[torch.Tensor] | None = None
         self._uniform = False  # the buffer takes the dot products' usual path (see _kernels.uniform)
         self.writes = 0  # how many snapshots the buffer has taken: a step that raised may have overwritten it
+        self.spare: list[torch.Tensor] | None = None  # theta_{t+1}, while a measurement visits other points
 
     def watch(self, params: Sequence[torch.Tensor]) -> None:
         """Take note of the parameters (at construction and when a param group is added)."""
@@ -50,6 +51,32 @@ class Measurer:
     def restore(self, local: list[torch.Tensor]) -> None:
         """Put the parameters back at the snapshot, bit for bit."""
         _kernels.copy_(local, self.buffer, foreach=self.foreach)
+
+    # ------------------------------------------------------------------ visiting other points on the line
+
+    def park(self, local: list[torch.Tensor]) -> None:
+        """Keep ``theta_{t+1}`` (the parameters now) in the spare buffer, allocated on first use.
+
+        Only the strategies that measure away from the lookahead point use it (``gen-exact``,
+        ``gen-three-point``): their steps hold a second parameter-sized buffer.
+        """
+        if not _kernels.snapshot_fits(self.spare, local):
+            self.spare = None
+            self.spare = _kernels.new_snapshot(local)
+        _kernels.copy_(self.spare, local, foreach=self.foreach)
+
+    def unpark(self, local: list[torch.Tensor]) -> None:
+        """Put the parameters back at ``theta_{t+1}``, bit for bit."""
+        _kernels.copy_(local, self.spare, foreach=self.foreach)
+
+    def reflect(self, local: list[torch.Tensor]) -> None:
+        """Move the parameters to ``theta_t + d = 2 theta_t - theta_{t+1}`` (after :meth:`park`)."""
+        for param, start, end in zip(local, self.buffer, self.spare):
+            param.copy_(start).mul_(2.0).sub_(end)
+
+    def step_vectors(self) -> list[torch.Tensor]:
+        """The step ``d = theta_t - theta_{t+1}``, one new tensor per parameter (after :meth:`park`)."""
+        return [start - end for start, end in zip(self.buffer, self.spare)]
 
     def holds(self, local: list[torch.Tensor]) -> bool:
         """Whether the buffer has the shapes of ``local`` (what it holds is the caller's business)."""
