@@ -158,6 +158,47 @@ def test_compiled_model_with_dropout_trains_exactly_like_the_eager_model(data, b
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize(("strategy", "forward_only"), [("gen", True), ("gen-three-point", False)])
+def test_a_forward_only_lookahead_of_a_compiled_model_trains_like_the_eager_one(data, strategy, forward_only):
+    x, y = data
+    batches = minibatch_indices(len(x), BATCH, 20, seed=1)
+    eager = _mlp(0, 0.3)
+    torch.manual_seed(0)
+    eager_infos = _train(eager, eager, batches, x, y, strategy=strategy, forward_only=forward_only)
+    model = _mlp(0, 0.3)
+    counting, graphs = _counting_backend("aot_eager")
+    torch.manual_seed(0)
+    infos = _train(
+        model, torch.compile(model, backend=counting), batches, x, y, strategy=strategy, forward_only=forward_only
+    )
+    # two graphs: the training one, and the one without autograd of the forward-only calls
+    assert len(graphs) == 2
+    for info, ref in zip(infos, eager_infos):
+        assert info.decision == ref.decision
+        assert (info.f0, info.f1, info.alpha_next) == pytest.approx((ref.f0, ref.f1, ref.alpha_next), rel=1e-4)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_gen_exact_on_a_compiled_model_says_what_to_change_and_moves_nothing(data):
+    x, y = data
+    model = make_mlp(0)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = Newt(torch.optim.Adam(model.parameters(), lr=1e-3), "gen-exact")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="gen-three-point"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.step_info is None
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize(
     ("device", "backend"),
     [

@@ -40,7 +40,8 @@ GLOBAL_BATCH = 32
 class Config:
     wrapper: str  # "ddp" or "fsdp"
     strategy: str
-    mode: str  # "lookahead", "lookahead-clip", "lazy", "lazy-rise", "closure-free" or "closure-free-loss"
+    # "lookahead", "lookahead-clip", "lookahead-forward", "lazy", "lazy-rise", "closure-free" or "closure-free-loss"
+    mode: str
 
     @property
     def id(self) -> str:
@@ -52,6 +53,8 @@ class Config:
             options["update_every"] = 3
         if self.mode == "lookahead-clip":  # Newt's own clipping, which bites at every step here
             options["max_grad_norm"] = 0.01
+        if self.mode == "lookahead-forward":
+            options["forward_only"] = True
         return options
 
 
@@ -61,6 +64,9 @@ CONFIGS = [
     *(Config(w, s, m) for w in ("ddp", "fsdp") for s in ("retsinas", "gen") for m in FREE_MODES),
     *(Config(w, "gen", "lazy-rise") for w in ("ddp", "fsdp")),
     *(Config(w, "gen", "lookahead-clip") for w in ("ddp", "fsdp")),
+    *(Config(w, "gen", "lookahead-forward") for w in ("ddp", "fsdp")),
+    *(Config(w, "gen-three-point", m) for w in ("ddp", "fsdp") for m in ("lookahead", "lazy")),
+    *(Config("ddp", "gen-exact", m) for m in ("lookahead", "lazy")),  # FSDP2: refused, see below
 ]
 # FSDP2 became public as torch.distributed.fsdp.fully_shard after torch 2.4, whose private one
 # (torch.distributed._composable.fsdp) asks for CUDA streams even on a gloo CPU mesh.
@@ -266,5 +272,33 @@ def test_dtensor_parameters_count_as_sharded_and_give_their_local_shard() -> Non
         local = local_tensor(shard)
         assert type(local) is torch.Tensor and torch.equal(local, full)  # one rank holds the whole shard
         assert local_tensor(plain) is plain
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gen_exact_refuses_dtensor_parameters_before_anything_moves() -> None:
+    """The Hessian-vector product through FSDP2's sharded parameters does not reduce across ranks."""
+    try:
+        from torch.distributed.tensor import Shard, distribute_tensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = nn.Parameter(distribute_tensor(torch.ones(3, 2, dtype=torch.float64), mesh, [Shard(0)]))
+        opt = Newt(torch.optim.SGD([weight], lr=0.1), "gen-exact")
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = (weight.full_tensor() ** 2).sum()
+            loss.backward()
+            return loss
+
+        with pytest.raises(ValueError, match="gen-three-point"):
+            opt.step(closure)
+        assert not calls and torch.equal(weight.full_tensor(), torch.ones(3, 2, dtype=torch.float64))
     finally:
         dist.destroy_process_group()

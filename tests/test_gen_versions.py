@@ -343,3 +343,28 @@ def test_gen_exact_says_what_to_change_when_the_closure_never_calls_backward():
     with pytest.raises(RuntimeError, match="backward"):
         opt.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("strategy", ["gen-exact", "gen-three-point"])
+def test_a_grad_scaler_leaves_the_measured_curvature_unscaled(strategy):
+    runs = []
+    for scale in (None, 2.0**10):
+        model, x, y = _mlp()
+        model.float()
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        opt = newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), strategy, grad_scaler=scaler)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x.float()), y)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            return loss
+
+        curvatures = []
+        for _ in range(3):
+            opt.step(closure)
+            if scaler is not None:
+                scaler.update()
+            curvatures.append(opt.step_info.d0 - opt.step_info.d1)
+        runs.append(curvatures)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)

@@ -71,6 +71,11 @@ class Lookahead(Mode):
         self.noise = NoiseCorrection(settings.noise_cap, settings.per_group)
 
     def step(self, state: State, closure: Callable[[], Any]) -> Any:
+        if self.rule.lookahead == "hessian" and self.measurer.dtensors:
+            raise ValueError(
+                f"strategy {self.rule.name!r} differentiates the loss twice, which sharded (DTensor, FSDP2) "
+                "parameters do not support: use strategy='gen-three-point' or 'gen' there."
+            )
         params = [p for group in self.param_groups for p in group["params"]]
         rng_at_start = RngState(cuda_devices(params))
         loss, f0, buffers = self.first_call(closure)
@@ -104,13 +109,16 @@ class Lookahead(Mode):
             d0 = measurer.dots(grads, local, gathered.units)
             if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
                 d0 = d0 / clip
+            del grads
+            forward_only = self.rule.lookahead != "gradient"
+            first_grads = [p.grad for p in gathered.active] if forward_only else []
             for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
                 p.grad = None
             looked = self._look(closure, rng_at_start, gathered)
-            if self.rule.lookahead != "gradient":  # no gradient was computed: keep theta_t's
-                for p, g in zip(gathered.active, grads):
+            if forward_only:  # no gradient was computed there: keep theta_t's
+                for p, g in zip(gathered.active, first_grads):
                     p.grad = g
-            del grads
+            del first_grads
             measured, noise, keys = self._measure(state, gathered, f0, d0, looked, probe)
             verdict = self._decide(state, gathered, measured, noise, loss)
         except BaseException:
@@ -187,7 +195,16 @@ class Lookahead(Mode):
                     f"strategy {self.rule.name!r} differentiates the loss twice at theta_t, but the closure "
                     "did not call backward(): the closure must call loss.backward() every time it is called."
                 )
-            return curvature_along(requests, gathered.active, step)
+            try:
+                return curvature_along(requests, gathered.active, step)
+            except RuntimeError as error:
+                if "double backward" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"strategy {self.rule.name!r} differentiates the loss twice, which this model does not "
+                    f"support ({error}): a torch.compile'd model needs strategy='gen-three-point' (forward "
+                    "passes only), or compile it without AOT autograd (backend='eager')."
+                ) from error
 
         value = call("third (curvature at the start)", backward="capture", then=curvature)
         if self.settings.scaler is not None:  # the closure's backward() was given the scaled loss
