@@ -4,11 +4,16 @@ Run ``python -m benchmarks.overhead`` (a few minutes on 2 CPU cores). For an MLP
 digits data and a small character-level transformer, it times a training step of:
 
 - the bare inner optimizer (Adam): closure (forward + backward), then ``inner.step()``;
+- the closure alone (forward and backward), and a forward pass alone (no autograd), the cost
+  of a forward-only lookahead call: the ratio of the two is printed;
 - ``Newt`` in lookahead mode and closure-free mode (each with its defaults, and without the
   check of non-finite numbers that ``reject_nonfinite=True`` makes before the inner step), lazy
   mode (``update_every=4``), and closure-free mode in blocks of four (``update_every=4``: one host
   synchronisation per four steps, which shows on a GPU what the one per step of closure-free
-  mode costs).
+  mode costs);
+- the measurements that read no gradient at the lookahead point: ``gen`` with
+  ``forward_only=True``, ``gen-three-point`` (two forward-only calls), and ``gen-exact`` (a
+  forward-only call, then one at ``theta_t`` with a double backward), also lazy (K=4).
 
 Each method trains its own copy of the weights with its own Adam.
 
@@ -47,7 +52,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.tasks import digits, digits_mlp
-from newt import Newt
+from newt import RULES, Newt
 
 STEPS_PER_REPETITION = 4
 """Each timed repetition is four consecutive steps, one whole cycle of the lazy mode."""
@@ -111,21 +116,29 @@ def _newts(make_inner: Callable[[], torch.optim.Optimizer]) -> dict[str, Newt]:
         # without the check of theta_t's loss and gradients (and of its host synchronisation)
         # that reject_nonfinite=True makes before the inner step: the cost of that check
         "Newt lookahead, no NaN check": Newt(make_inner(), strategy="taylor", reject_nonfinite=False, **untested),
+        # the rules that read no gradient at the lookahead point, and GeN's two versions
+        "Newt lookahead gen, forward only": Newt(make_inner(), strategy="gen", forward_only=True, **untested),
+        "Newt gen-three-point": Newt(make_inner(), strategy="gen-three-point", **untested),
+        "Newt gen-exact": Newt(make_inner(), strategy="gen-exact", **untested),
         "Newt lazy K=4": Newt(make_inner(), strategy="taylor", update_every=4, **untested),
+        "Newt gen-exact lazy K=4": Newt(make_inner(), strategy="gen-exact", update_every=4, **untested),
         "Newt closure-free": Newt(make_inner(), strategy="retsinas"),
         "Newt closure-free, no NaN check": Newt(make_inner(), strategy="retsinas", reject_nonfinite=False),
         "Newt closure-free K=4": Newt(make_inner(), strategy="retsinas", update_every=4),
     }
 
 
+def _closure_free(name: str) -> bool:
+    return name.startswith("Newt closure-free")
+
+
 def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str = "cpu"):
     """One step function per method; each returns the seconds Newt spent outside closure and inner step.
 
     Every method trains its own copy of the weights with its own Adam: a run is one method's
-    training, interleaved with the others' only in time.
+    training, interleaved with the others' only in time. "forward pass" times the closure's
+    forward alone, without autograd: what a forward-only lookahead call costs.
     """
-    names = ("bare", "la", "la-unchecked", "lazy", "cf", "cf-unchecked", "cf4")
-    state = {name: {k: v.clone() for k, v in model.state_dict().items()} for name in names}
     closure_seconds, inner_seconds = [0.0], [0.0]
 
     def closure() -> torch.Tensor:
@@ -151,7 +164,7 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
 
     inner = timed_adam()
     newts = _newts(timed_adam)
-    lookahead, unchecked, lazy, closure_free, free_unchecked, closure_free_blocks = newts.values()
+    state = {name: {k: v.clone() for k, v in model.state_dict().items()} for name in ("bare Adam", *newts)}
 
     def measured(name: str, body: Callable[[], None]) -> Callable[[], float]:
         def run() -> float:
@@ -173,22 +186,27 @@ def _runners(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: str 
         closure()
         inner.step()
 
-    def closure_free_step(newt: Newt) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            loss_fn()
+
+    def step_of(name: str, newt: Newt) -> Callable[[], None]:
+        if not _closure_free(name):
+            return lambda: newt.step(closure)
+
         def step() -> None:
             closure()
             newt.step()
 
         return step
 
-    return {
-        "bare Adam": measured("bare", bare),
-        "Newt lookahead": measured("la", lambda: lookahead.step(closure)),
-        "Newt lookahead, no NaN check": measured("la-unchecked", lambda: unchecked.step(closure)),
-        "Newt lazy K=4": measured("lazy", lambda: lazy.step(closure)),
-        "Newt closure-free": measured("cf", closure_free_step(closure_free)),
-        "Newt closure-free, no NaN check": measured("cf-unchecked", closure_free_step(free_unchecked)),
-        "Newt closure-free K=4": measured("cf4", closure_free_step(closure_free_blocks)),
-    }, tuple(newts.values())
+    runners = {
+        "bare Adam": measured("bare Adam", bare),
+        "forward and backward": measured("bare Adam", closure),
+        "forward pass": measured("bare Adam", forward),
+    }
+    runners.update({name: measured(name, step_of(name, newt)) for name, newt in newts.items()})
+    return runners, tuple(newts.values())
 
 
 class _MallInfo2(ctypes.Structure):
@@ -262,7 +280,7 @@ def peak_memory(task: str, method: str, device: str = "cuda", steps: int = 2 * S
             return loss
 
         for _ in range(steps):
-            if method == "bare Adam" or method.startswith("Newt closure-free"):
+            if method == "bare Adam" or _closure_free(method):
                 closure()
                 opt.step()
             else:
@@ -289,7 +307,7 @@ def measure(task: str, repeats: int, device: str = "cpu") -> None:
     peaks = None
     if device == "cuda" or HEAP_BYTES is not None:
         peak_memory(task, "bare Adam", device)  # once unmeasured: first-use caches must not count as the bare peak
-        peaks = {name: peak_memory(task, name, device) for name in runners}
+        peaks = {name: peak_memory(task, name, device) for name in runners if not name.startswith("forward")}
     header = "| method | seconds per step | ratio to bare |"
     if device != "cuda":
         header += " Newt's own work (share of bare step) |"
@@ -301,13 +319,20 @@ def measure(task: str, repeats: int, device: str = "cpu") -> None:
         median = statistics.median(times[name])
         cells = [f"{median * 1e3:.2f} ms", f"{median / bare:.3f}"]
         if device != "cuda":
-            cells.append("" if name == "bare Adam" else f"{statistics.median(own[name]) / bare:.3f}")
-        if peaks is not None:
+            cells.append("" if not name.startswith("Newt") else f"{statistics.median(own[name]) / bare:.3f}")
+        if peaks is not None and name in peaks:
             cells += [f"{peaks[name] / 2**20:.2f} MiB", f"{peaks[name] / peaks['bare Adam']:.3f}"]
+        elif peaks is not None:
+            cells += ["", ""]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    for newt in newts:
-        held = sum(t.numel() for t in newt.snapshot)
-        print(f"parameter-sized buffers held by {newt!r:.60}: {held / parameters:.2f}")
+    forward = statistics.median(times["forward pass"]) / statistics.median(times["forward and backward"])
+    print(f"a forward pass costs {forward:.3f} of a forward and backward pass")
+    for name, newt in zip([n for n in runners if n.startswith("Newt")], newts):
+        held = sum(t.numel() for t in newt.snapshot) / parameters
+        # the strategies that visit a point off the lookahead keep the lookahead point in a second one
+        if RULES.get(str(newt.strategy), RULES["gen"]).lookahead in ("hessian", "three-point"):
+            held += 1.0
+        print(f"parameter-sized buffers held by {name}: {held:.2f}")
 
 
 def main() -> None:

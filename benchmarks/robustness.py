@@ -22,9 +22,12 @@ What is measured, per task (``benchmarks/tasks.py``) and run (method, initial ra
 - the run trains until it has spent ``--budget`` gradient evaluations (default: the task's),
   counted by hooks on the model and the loss (``benchmarks.peers.PassCounter``), not by the
   methods: a lookahead ``Newt`` step costs 2, a lazy one 1.25 on average (K=4), a
-  closure-free one 1; GeN's official ``lr_parabola`` costs its three no-grad forward passes at
-  a third each. So ``Newt`` lookahead takes half as many optimizer steps as plain Adam. A run
-  whose parameters turn NaN stops early (it "diverged");
+  closure-free one 1; a forward pass without a backward costs a third (GeN's official
+  ``lr_parabola`` three of them, ``forward_only=True`` one per step: 1.33, ``gen-three-point``
+  two: 1.67). ``gen-exact`` is counted 2.33 (its call at ``theta_t`` as one evaluation, although
+  its double backward costs more: the overhead benchmark times it). So ``Newt`` lookahead takes
+  half as many optimizer steps as plain Adam. A run whose parameters turn NaN stops early (it
+  "diverged");
 - the final training loss (the whole training set, eval mode, no grad) and the test metric
   (accuracy; bits per byte for the language model);
 - the training wall clock in seconds (evaluation excluded), one thread per run.
@@ -117,7 +120,13 @@ INNER: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
 }
 INNER_LABEL = {"adam": "Adam", "sgd": "SGD(m=0.9)"}
-MODE_LABELS = {"": "lookahead", "-lazy4": "lazy K=4", "-free": "closure-free", "-free-loss": "closure-free, loss="}
+MODE_LABELS = {
+    "": "lookahead",
+    "-lazy4": "lazy K=4",
+    "-fwd": "lookahead, forward only",
+    "-free": "closure-free",
+    "-free-loss": "closure-free, loss=",
+}
 """The modes, by their suffix in the method keys (``-free-loss``: closure-free with ``step(loss=...)``)."""
 
 
@@ -186,10 +195,12 @@ def _methods() -> dict[str, Method]:
         methods.append(
             Method(inner, label, "plain", True, lambda m, lr, c, make=make: Stepper(make(m.parameters(), lr)))
         )
-        for strategy in ("taylor", "retsinas", "gen"):
+        for strategy in ("taylor", "retsinas", "gen", "gen-three-point", "gen-exact"):
             modes = [("", {}, False), ("-lazy4", {"update_every": 4}, False)]
-            if strategy != "taylor":  # taylor needs the lookahead loss: no closure-free mode
+            if strategy in ("retsinas", "gen"):  # the others call the closure again: no closure-free mode
                 modes += [("-free", {}, True), ("-free-loss", {}, True)]
+            if strategy == "gen":
+                modes += [("-fwd", {"forward_only": True}, False)]
             for suffix, options, free in modes:
                 mode = MODE_LABELS[suffix]
 

@@ -474,6 +474,9 @@ INNER: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
 
 PEERS = ("prodigy", "dadapt-adam", "dog")
 NEWT_METHODS = ("newt", "newt-free-loss")
+"""The defaults the targets are about."""
+VARIANTS = ("newt-forward", "newt-three-point", "newt-exact")
+"""Other measurements, reported against the targets too when they were run (``--methods``)."""
 
 
 def methods(inner: str) -> dict[str, tuple[Method, float]]:
@@ -481,9 +484,9 @@ def methods(inner: str) -> dict[str, tuple[Method, float]]:
     make = INNER[inner]
     label = {"adam": "Adam", "adamw": "AdamW"}[inner]
 
-    def newt(closure_free: bool) -> Callable[[nn.Module, float, Any], Stepper]:
+    def newt(closure_free: bool, **options: Any) -> Callable[[nn.Module, float, Any], Stepper]:
         def build(model: nn.Module, lr: float, context: Any) -> Stepper:
-            return NewtStepper(Newt(make(model.parameters(), lr)), closure_free, give_loss=closure_free)
+            return NewtStepper(Newt(make(model.parameters(), lr), **options), closure_free, give_loss=closure_free)
 
         return build
 
@@ -495,6 +498,27 @@ def methods(inner: str) -> dict[str, tuple[Method, float]]:
             1.0,
         ),
         "newt-steps": (Method("newt-steps", f"Newt({label}), closure, equal steps", "newt", True, newt(False)), 2.0),
+        # the measurements that read no gradient at the lookahead point, and exact GeN
+        "newt-forward": (
+            Method(
+                "newt-forward", f"Newt({label}), closure, forward only", "newt", True, newt(False, forward_only=True)
+            ),
+            1.0,
+        ),
+        "newt-three-point": (
+            Method(
+                "newt-three-point",
+                f"Newt({label}) gen-three-point",
+                "newt",
+                True,
+                newt(False, strategy="gen-three-point"),
+            ),
+            1.0,
+        ),
+        "newt-exact": (
+            Method("newt-exact", f"Newt({label}) gen-exact", "newt", True, newt(False, strategy="gen-exact")),
+            1.0,
+        ),
         "prodigy": (Method("prodigy", "Prodigy", "peer", False, lambda m, lr, c: ProdigyStepper(m.parameters())), 1.0),
         "dadapt-adam": (
             Method("dadapt-adam", "D-Adapt Adam", "peer", False, lambda m, lr, c: DAdaptAdamStepper(m.parameters())),
@@ -512,11 +536,14 @@ def run_suite_job(job: Job) -> dict[str, Any]:
     return run_on(entry.task, method, job)
 
 
-def jobs_for(name: str, rates: list[float], seeds: int) -> list[Job]:
+def jobs_for(name: str, rates: list[float], seeds: int, keys: list[str] | None = None) -> list[Job]:
+    """The runs of one task: ``keys`` (default: every row but the variants), each α0, each seed."""
     entry = SUITE[name]
     jobs = []
     for seed in range(seeds):
         for key, (method, factor) in methods(entry.inner).items():
+            if (key not in keys) if keys is not None else key in VARIANTS:
+                continue
             for alpha0 in rates if method.takes_alpha0 else [None]:
                 jobs.append(Job(name, key, alpha0, seed, entry.task.budget * factor))
     return jobs
@@ -621,7 +648,7 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> str:
     )
     lines.append("|---|---:|---:|---:|---:|---:|")
     n = len(results)
-    for key in NEWT_METHODS:
+    for key in (*NEWT_METHODS, *(v for v in VARIANTS if any(r["method"] == v for rs in results.values() for r in rs))):
         counts = [0, 0, 0, 0, 0]
         for name, runs in results.items():
             entry = SUITE[name]
@@ -658,6 +685,12 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", choices=sorted(SUITE), default=None, help="instead of a half")
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="the rows to run (default: all but the variants " + ", ".join(VARIANTS) + ")",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (one thread each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/suite"))
     parser.add_argument("--retable", action="store_true", help="rebuild the tables from the results in --out")
@@ -674,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = [table(SUITE[name], runs, args.rates, seeds) for name, runs in saved.items()]
         print("\n\n".join([*texts, targets(saved)]))
         return
-    jobs = [job for name in names for job in jobs_for(name, args.rates, args.seeds)]
+    jobs = [job for name in names for job in jobs_for(name, args.rates, args.seeds, args.methods)]
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     started = time.perf_counter()
     if args.jobs <= 1:
