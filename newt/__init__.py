@@ -9,7 +9,7 @@ from newt._checkpoint import CheckpointError
 from newt._numerics import Decision, Proposal
 from newt.optimizer import GroupStepInfo, Newt, ScheduleWarning, StepInfo
 from newt.options import DEFAULT_OPTIONS, DEFAULT_POLICIES, Policies, RuleOptions
-from newt.rules import RULES, STRATEGIES, gen, gen_slopes, retsinas, taylor
+from newt.rules import RULES, STRATEGIES, gen, gen_exact, gen_slopes, gen_three_point, retsinas, taylor
 from newt.schedulers import FactorLR
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "ScheduleWarning",
     "StepInfo",
     "gen",
+    "gen_exact",
     "gen_slopes",
+    "gen_three_point",
     "retsinas",
     "taylor",
 ]
