@@ -47,10 +47,12 @@ class Newt(torch.optim.Optimizer):
         update_every: Adapt the rate every ``update_every`` steps only (lazy mode with a
             closure; blocks of steps closure-free).
         per_group: Adapt each param group's rate from its own slopes (``retsinas``, ``gen``).
-        forward_only: With a closure and ``gen`` (or ``"auto"``), evaluate only the loss at the
-            lookahead point: the closure's ``backward()`` is skipped there and its forward pass
-            builds no graph (``docs/modes.md``, "Forward-only lookahead"). ``gen-three-point``
-            and ``gen-exact`` always measure the lookahead this way.
+        forward_only: Evaluate only the loss at the lookahead point, the closure's
+            ``backward()`` skipped there and its forward pass run without autograd
+            (``docs/modes/lookahead.md``, "Forward-only lookahead"). None (the default): where
+            the rule reads no gradient there, that is ``gen`` and ``"auto"`` with a closure,
+            ``gen-three-point`` and ``gen-exact``. False: measure the lookahead's gradient
+            anyway (a closure that differentiates by other means than ``backward()``).
         max_grad_norm: Clip the gradients the inner step uses to this total norm, as
             ``torch.nn.utils.clip_grad_norm_`` would; the rule still measures the unclipped
             gradients (clipping inside the closure would clip the two calls differently).
@@ -80,7 +82,7 @@ class Newt(torch.optim.Optimizer):
         *,
         update_every: int = 1,
         per_group: bool = False,
-        forward_only: bool = False,
+        forward_only: bool | None = None,
         max_grad_norm: float | None = None,
         policies: Policies | None = None,
         rule_options: RuleOptions | None = None,

@@ -14,7 +14,7 @@ from typing import Any
 
 from newt.rules import RULES, STRATEGIES, RuleSpec, gen, guard_custom_rule
 
-__all__ = ["AUTO", "Strategy", "forward_only", "measured_forward_only", "resolve"]
+__all__ = ["AUTO", "Strategy", "forward_only_rule", "measured_forward_only", "resolve"]
 
 AUTO = "auto"
 """The default strategy: ``gen`` with a closure (lookahead and lazy modes), and closure-free
@@ -69,7 +69,7 @@ def resolve(strategy: str | Callable[..., Any]) -> Strategy:
     raise TypeError(f"strategy must be one of {names} or a callable, got {strategy!r}.")
 
 
-def forward_only(spec: RuleSpec) -> RuleSpec:
+def forward_only_rule(spec: RuleSpec) -> RuleSpec:
     """``spec`` measured without a backward pass at the lookahead point (``forward_only=True``).
 
     ``gen`` reads no gradient there, and the strategies that measure their curvature otherwise
@@ -91,16 +91,24 @@ def forward_only(spec: RuleSpec) -> RuleSpec:
     return replace(spec, lookahead="loss", slope_form=None)
 
 
-def measured_forward_only(strategy: Strategy, per_group: bool) -> Strategy:
-    """``strategy`` with its closure steps' lookahead measured forward only (``forward_only=True``).
+def measured_forward_only(strategy: Strategy, per_group: bool, forward_only: bool | None) -> Strategy:
+    """``strategy`` with its closure steps' lookahead measured forward only, as ``forward_only`` says.
+
+    None: wherever the rule reads no gradient at the lookahead point (``gen``, ``"auto"``; the
+    GeN versions always). False: the lookahead's gradient is measured (only ``gen-three-point``
+    and ``gen-exact`` never measure it).
 
     Raises:
-        ValueError: ``per_group`` (each group's rate reads its own slope at the lookahead
-            point), or a rule that reads the gradient there.
+        ValueError: ``forward_only=True`` with ``per_group`` (each group's rate reads its own
+            slope at the lookahead point), or with a rule that reads the gradient there.
     """
+    if forward_only is None:
+        forward_only = not per_group and strategy.with_losses.rule is gen
+    if not forward_only:
+        return strategy
     if per_group:
         raise ValueError(
             "forward_only=True measures no gradient at the lookahead point, and per_group=True adapts "
             "each group from its own slope there: use one of the two."
         )
-    return replace(strategy, with_losses=forward_only(strategy.with_losses))
+    return replace(strategy, with_losses=forward_only_rule(strategy.with_losses))

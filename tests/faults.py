@@ -104,6 +104,7 @@ class FaultyClosure:
     calls: int = 0
     raised: InjectedFault | None = None
     returned: list[torch.Tensor] = field(default_factory=list)
+    inert: bool = False  # a nan_grad fault found no gradient to poison (a forward-only lookahead)
 
     def __call__(self) -> torch.Tensor:
         self.calls += 1
@@ -124,6 +125,9 @@ class FaultyClosure:
 
     def _poison_one_gradient(self) -> None:
         """Fill a random, non-empty slice of one random parameter's gradient with NaN or +-inf."""
+        if not torch.is_grad_enabled():  # a forward-only call: its backward() computed nothing
+            self.inert = True
+            return
         p = self.rng.choice(self.params)
         flat = p.grad.view(-1)
         start = self.rng.randrange(flat.numel())

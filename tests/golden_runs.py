@@ -133,6 +133,18 @@ def _configs() -> list[Config]:
         Config("mixed", "auto", False),
         Config("mixed", "gen", True),
     ]
+    # the lookahead's gradient measured, as before the forward-only lookahead became the default
+    # of gen: these traces were recorded then, under the names without the option
+    gradient = (("forward_only", False),)
+    configs += [
+        *(Config(mode, "auto", faults, gradient) for mode in ("lookahead", "lazy") for faults in (False, True)),
+        Config("lookahead", "auto", True, (("reject_nonfinite", False), *gradient)),
+        Config("lookahead", "auto", True, gradient, scaler=True),
+        Config("lookahead", "auto", False, gradient, lr=1e-6),
+        Config("lazy", "auto", False, gradient, lr=1e-6),
+        Config("mixed", "auto", False, gradient),
+        Config("mixed", "gen", True, gradient),
+    ]
     return configs
 
 

@@ -131,13 +131,13 @@ def test_compiled_model_with_dropout_trains_exactly_like_the_eager_model(data, b
 
     eager = _mlp(0, dropout)
     torch.manual_seed(0)  # the dropout masks: both runs draw from the same generator state
-    eager_infos = _train(eager, eager, batches, x, y)
+    eager_infos = _train(eager, eager, batches, x, y, forward_only=False)
 
     model = _mlp(0, dropout)
     counting, graphs = _counting_backend(backend)
     compiled = torch.compile(model, backend=counting)
     torch.manual_seed(0)
-    infos = _train(model, compiled, batches, x, y)
+    infos = _train(model, compiled, batches, x, y, forward_only=False)
 
     # One graph for all 60 closure calls: no graph break, and no recompilation when Newt's
     # lookahead call runs the compiled module a second time (with its buffer hook installed).
@@ -281,10 +281,16 @@ def test_bf16_autocast_trains_and_adapts_a_bad_initial_rate(data, device):
     start = 1e-4  # far too small for Adam on this task: the rate must grow for the loss to fall
     model = make_mlp(0).to(device)
     opt_inner = torch.optim.Adam(model.parameters(), lr=start)
-    infos = _train(model, model, batches, x, y, inner=opt_inner, autocast_dtype=torch.bfloat16)
+    infos = _train(model, model, batches, x, y, inner=opt_inner, autocast_dtype=torch.bfloat16, forward_only=False)
     reference = make_mlp(0).to(device)
     ref_infos = _train(
-        reference, reference, batches[:1], x, y, inner=torch.optim.Adam(reference.parameters(), lr=start)
+        reference,
+        reference,
+        batches[:1],
+        x,
+        y,
+        inner=torch.optim.Adam(reference.parameters(), lr=start),
+        forward_only=False,
     )
 
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 weights
@@ -300,11 +306,11 @@ def test_bf16_autocast_trains_and_adapts_a_bad_initial_rate(data, device):
     assert full_batch_loss(model, x, y) < 0.5 * full_batch_loss(make_mlp(0).to(device), x, y)
 
 
-def _train_bf16_parameters(x, y, batches, strategy: str, fp32_loss: bool):
-    """Train a bf16 copy of the MLP from a too-small rate; check each step's d1 in float64."""
+def _train_bf16_parameters(x, y, batches, strategy: str, fp32_loss: bool, forward_only: bool | None = False):
+    """Train a bf16 copy of the MLP from a too-small rate; check each step's measured d1 in float64."""
     model = make_mlp(0).to(torch.bfloat16)
     params = list(model.parameters())
-    opt = Newt(torch.optim.Adam(params, lr=1e-4), strategy=strategy)
+    opt = Newt(torch.optim.Adam(params, lr=1e-4), strategy=strategy, forward_only=forward_only)
     for idx in batches:
         xb, yb = x[idx], y[idx]
 
@@ -320,7 +326,7 @@ def _train_bf16_parameters(x, y, batches, strategy: str, fp32_loss: bool):
         info = opt.step_info
         _assert_finite(info)
         assert all(p.dtype == torch.bfloat16 for p in params)
-        if not info.rejected:
+        if not info.rejected and forward_only is False:
             # d1 from the lookahead gradients Newt leaves in .grad, recomputed exactly in float64.
             # The kernels accumulate bf16 in fp32 (a result rounded to bf16 would carry up to
             # 2**-9 = 2e-3 relative error); theta_t - theta_{t+1} is still rounded to bf16 before
@@ -351,6 +357,18 @@ def test_bf16_loss_is_too_coarse_for_the_rules_which_then_read_the_slopes(data, 
     batches = minibatch_indices(len(x), BATCH, 40, seed=6)
     model, opt = _train_bf16_parameters(x, y, batches, strategy, fp32_loss=False)
     assert opt.param_groups[0]["lr"] > 100 * 1e-4  # observed: taylor 0.117, gen 0.081
+    assert full_batch_loss(model, x, y) < 0.3 * full_batch_loss(make_mlp(0).to(torch.bfloat16), x, y)
+
+
+def test_bf16_loss_too_coarse_for_a_forward_only_lookahead_grows_the_rate(data):
+    """The default forward-only lookahead measures no slope there: a step whose loss change is
+    below the losses' rounding measured nothing, and the rate grows (decision "linear") until the
+    losses see the steps."""
+    x, y = data
+    x = x.to(torch.bfloat16)
+    batches = minibatch_indices(len(x), BATCH, 40, seed=6)
+    model, opt = _train_bf16_parameters(x, y, batches, "gen", fp32_loss=False, forward_only=None)
+    assert opt.param_groups[0]["lr"] > 100 * 1e-4
     assert full_batch_loss(model, x, y) < 0.3 * full_batch_loss(make_mlp(0).to(torch.bfloat16), x, y)
 
 
@@ -385,7 +403,7 @@ def test_fp16_grad_scaler_skips_overflows_and_unscales_the_measurements(data, de
     # 2**24 times a logit gradient of ~1/64 is far beyond fp16's 65504: the first steps overflow.
     scaler = torch.amp.GradScaler(device, init_scale=2.0**24)
     inner = torch.optim.Adam(params, lr=1e-3)
-    opt = Newt(inner, grad_scaler=scaler)
+    opt = Newt(inner, grad_scaler=scaler, forward_only=False)  # the lookahead's scaled gradient too
     overflows = accepted = inner_steps = 0
     for idx in batches:
         xb, yb = x[idx], y[idx]

@@ -73,16 +73,20 @@ class Config:
     strategy: str
     reject_nonfinite: bool
     kinds: tuple[str, ...]
+    forward_only: bool | None = None  # None: the default, a forward-only lookahead for gen
 
     @property
     def id(self) -> str:
         policy = "reject-nonfinite" if self.reject_nonfinite else "keep-nonfinite"
-        return f"{self.inner}-{self.strategy}-{policy}"
+        lookahead = {None: "", False: "-gradient", True: "-forward"}[self.forward_only]
+        return f"{self.inner}-{self.strategy}{lookahead}-{policy}"
 
 
 CONFIGS: list[Config] = [
     *(Config("sgd-momentum", 0.1, strategy, True, FAULT_KINDS) for strategy in ("taylor", "gen", "retsinas")),
     *(Config("adam", 1e-2, strategy, True, FAULT_KINDS) for strategy in ("taylor", "gen", "retsinas")),
+    # gen with the lookahead's gradient measured: the faults of the lookahead's backward pass
+    *(Config(inner, lr, "gen", True, FAULT_KINDS, False) for inner, lr in (("sgd-momentum", 0.1), ("adam", 1e-2))),
     # reject_nonfinite=False (the default): a NaN fault would poison the model by design, so only
     # spikes and exceptions are injected; those policies do not depend on the flag.
     Config("sgd-momentum", 0.1, "taylor", False, ("spike", "raise")),
@@ -154,6 +158,7 @@ def train(config: Config) -> Run:
         alpha_min=ALPHA_MIN,
         spike_threshold=SPIKE_THRESHOLD,
         reject_nonfinite=config.reject_nonfinite,
+        forward_only=config.forward_only,
     )
     schedule = fault_schedule(STEPS, FAULT_RATE, config.kinds, seed=FAULT_SEED)
     fault_rng = random.Random(FAULT_SEED + 1)  # picks the poisoned gradient entries
@@ -178,7 +183,7 @@ def train(config: Config) -> Run:
         records.append(
             StepRecord(
                 step=step,
-                fault=fault,
+                fault=None if closure.inert else fault,  # a fault with nothing to act on is none
                 info=info,
                 caught=caught,
                 injected=closure.raised,

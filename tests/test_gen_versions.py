@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import newt
 from newt.rules import RULES, Decision, RuleOptions, gen_exact, gen_three_point
-from newt.strategies import forward_only
+from newt.strategies import forward_only_rule
 from tests.test_rules import any_float, in_bounds, options_and_alpha, quadratic_lines, undamped_wide
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_the_table_entries_read_the_curvature_from_d1_as_d0_minus_c(q):
 def test_the_strategies_are_available_by_name():
     assert newt.STRATEGIES["gen-exact"] is RULES["gen-exact"].rule
     assert newt.STRATEGIES["gen-three-point"] is RULES["gen-three-point"].rule
-    assert RULES["gen"].lookahead == "gradient" and forward_only(RULES["gen"]).lookahead == "loss"
+    assert RULES["gen"].lookahead == "gradient" and forward_only_rule(RULES["gen"]).lookahead == "loss"
     assert RULES["gen-exact"].lookahead == "hessian" and RULES["gen-three-point"].lookahead == "three-point"
 
 

@@ -68,10 +68,13 @@ class DigitsClassifier(L.LightningModule):
     ``warmup_iters`` attaches a per-step ``LinearLR`` warm-up from 0.1 to 1.
     """
 
-    def __init__(self, seed: int = 0, strategy: str = "taylor", warmup_iters: int | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, strategy: str = "taylor", warmup_iters: int | None = None, forward_only: bool | None = None
+    ) -> None:
         super().__init__()
         self.net = make_mlp(seed, hidden=32)
         self.strategy = strategy
+        self.forward_only = forward_only
         self.warmup_iters = warmup_iters
         self.training_step_calls = 0
         self.hook_grad_norms: list[float] = []
@@ -96,7 +99,9 @@ class DigitsClassifier(L.LightningModule):
         self.hook_grad_norms.append(_grad_norm(self))
 
     def configure_optimizers(self):
-        newt = Newt(torch.optim.Adam(self.parameters(), lr=START_LR), strategy=self.strategy)
+        newt = Newt(
+            torch.optim.Adam(self.parameters(), lr=START_LR), strategy=self.strategy, forward_only=self.forward_only
+        )
         if self.warmup_iters is None:
             return newt
         warmup = torch.optim.lr_scheduler.LinearLR(
@@ -482,7 +487,7 @@ def test_caveat_gradient_clipping_applies_to_both_calls(strategy, fitted):
     raises the rate. ``retsinas`` uses slopes only and still adapts; so does ``gen``, whose
     parabola then looks non-convex while the slopes barely change (the "linear" growth).
     """
-    module = DigitsClassifier(strategy=strategy)
+    module = DigitsClassifier(strategy=strategy, forward_only=False)  # both calls' gradients clipped
     recorder = StepRecorder()
     trainer = _trainer(CLIP_STEPS, [recorder], gradient_clip_val=CLIP)
     trainer.fit(module, _loader())
@@ -497,3 +502,20 @@ def test_caveat_gradient_clipping_applies_to_both_calls(strategy, fitted):
         assert rate < 10 * START_LR < unclipped
     else:
         assert rate > 100 * START_LR
+
+
+def test_a_forward_only_lookahead_leaves_theta_ts_gradients_for_the_hooks_after_its_backward():
+    """Lightning runs its hooks and its clipping after each closure call. In the forward-only
+    lookahead call (``gen``, the default) the backward pass is skipped and ``theta_t``'s
+    gradients stand in, already clipped by the first call's clipping: a hook reading ``.grad``
+    finds them. The documented caveat of clipping in the closure holds here as for ``taylor``:
+    the clipped slope and the loss values disagree, the parabola is never convex, the rate is kept."""
+    module = DigitsClassifier(strategy="gen")
+    recorder = StepRecorder()
+    trainer = _trainer(CLIP_STEPS, [recorder], gradient_clip_val=CLIP)
+    trainer.fit(module, _loader())
+    norms = module.hook_grad_norms
+    assert len(norms) == 2 * CLIP_STEPS
+    assert min(norms[0::2]) > CLIP  # the first call's backward: unclipped when the hook runs
+    assert max(norms[1::2]) <= CLIP * (1 + 1e-5)  # the lookahead's: theta_t's, clipped already
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 10 * START_LR

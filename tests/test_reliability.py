@@ -64,11 +64,15 @@ def _start() -> nn.Parameter:
 # ---------------------------------------------------------------- non-finite numbers
 
 
-@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad"])
-def test_nonfinite_lookahead_with_rejection_restores_theta_and_shrinks_the_rate(kind):
+@pytest.mark.parametrize(
+    ("kind", "forward_only"), [("nan_loss", None), ("nan_loss", False), ("nan_grad", False)]
+)  # a forward-only lookahead (the default) computes no gradient to be NaN
+def test_nonfinite_lookahead_with_rejection_restores_theta_and_shrinks_the_rate(kind, forward_only):
     p = _start()
     before = p.detach().clone()
-    opt = Newt(torch.optim.SGD([p], lr=0.1, momentum=0.9), reject_nonfinite=True, shrink=0.25)
+    opt = Newt(
+        torch.optim.SGD([p], lr=0.1, momentum=0.9), reject_nonfinite=True, shrink=0.25, forward_only=forward_only
+    )
     closure = _closure(opt, p, loss_fn=_half_square, faults={2: kind})
 
     loss = opt.step(closure)

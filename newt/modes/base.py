@@ -49,7 +49,7 @@ class Settings:
         per_group: object,
         grad_scaler: object,
         max_grad_norm: object = None,
-        forward_only: object = False,
+        forward_only: object = None,
     ) -> Settings:
         """The options resolved once: the strategy's rules, the policy objects, the step's structure.
 
@@ -62,8 +62,9 @@ class Settings:
         resolved = resolve(strategy)
         update_every = check_option("update_every", update_every)
         per_group = check_option("per_group", per_group)
-        if check_option("forward_only", forward_only):
-            resolved = measured_forward_only(resolved, per_group)
+        if forward_only is not None:
+            forward_only = check_option("forward_only", forward_only)
+        resolved = measured_forward_only(resolved, per_group, forward_only)
         if per_group and resolved.without_losses is None:
             raise ValueError(
                 f"per_group=True adapts each group from its own slopes d0, d1, which strategy "

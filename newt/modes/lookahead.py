@@ -110,15 +110,16 @@ class Lookahead(Mode):
             if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
                 d0 = d0 / clip
             del grads
-            forward_only = self.rule.lookahead != "gradient"
-            first_grads = [p.grad for p in gathered.active] if forward_only else []
-            for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
-                p.grad = None
-            looked = self._look(closure, rng_at_start, gathered)
-            if forward_only:  # no gradient was computed there: keep theta_t's
+            first_grads = [p.grad for p in gathered.active] if self.rule.lookahead != "gradient" else []
+
+            def first_gradients() -> None:  # where no gradient is computed, theta_t's stand in
                 for p, g in zip(gathered.active, first_grads):
                     p.grad = g
-            del first_grads
+
+            for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
+                p.grad = None
+            looked = self._look(closure, rng_at_start, gathered, first_gradients)
+            first_gradients()
             measured, noise, keys = self._measure(state, gathered, f0, d0, looked, probe)
             verdict = self._decide(state, gathered, measured, noise, loss)
         except BaseException:
@@ -139,11 +140,14 @@ class Lookahead(Mode):
         strategy = self.settings.strategy
         return strategy.without_losses if self.settings.per_group else strategy.with_losses
 
-    def _look(self, closure: Callable[[], Any], rng_at_start: RngState, gathered: Gathered) -> Looked:
+    def _look(
+        self, closure: Callable[[], Any], rng_at_start: RngState, gathered: Gathered, instead: Callable[[], None]
+    ) -> Looked:
         """What the rule's lookahead measures, from ``theta_{t+1}`` (see ``RuleSpec.lookahead``).
 
         Every closure call replays the first call's random state and leaves the module buffers
-        as they were. The parameters end at ``theta_{t+1}``.
+        as they were. The parameters end at ``theta_{t+1}``. ``instead`` runs in place of each
+        ``backward()`` a call skips (``theta_t``'s gradients go back into ``.grad``).
         """
         kind, measurer, local = self.rule.lookahead, self.measurer, gathered.local
 
@@ -154,7 +158,7 @@ class Lookahead(Mode):
                 if backward == "run":
                     with torch.enable_grad():
                         return loss_tensor(closure(), which)
-                with intercepted_backward(graph=backward == "capture") as caught:
+                with intercepted_backward(graph=backward == "capture", instead=instead) as caught:
                     loss = loss_tensor(closure(), which)
                 return loss if then is None else then(caught.requests)
 

@@ -12,7 +12,7 @@ when the closure raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,29 +46,35 @@ def _request(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Backward
 
 
 class Intercepted(TorchFunctionMode):
-    """The function mode of one call: every ``backward()`` is recorded in ``requests``, not run."""
+    """The function mode of one call: every ``backward()`` is recorded in ``requests``, not run,
+    and ``instead()`` is called in its place."""
 
-    def __init__(self) -> None:
+    def __init__(self, instead: Callable[[], None]) -> None:
         super().__init__()
         self.requests: list[BackwardRequest] = []
+        self.instead = instead
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _BACKWARDS:
             self.requests.append(_request(func, args, kwargs))
+            self.instead()
             return None
         return func(*args, **kwargs)
 
 
 @contextmanager
-def intercepted_backward(*, graph: bool) -> Iterator[Intercepted]:
+def intercepted_backward(*, graph: bool, instead: Callable[[], None]) -> Iterator[Intercepted]:
     """Catch the closure's ``backward()`` calls for the length of the ``with`` block.
 
     Args:
         graph: Run the block with gradient recording on (the requests are differentiated
             afterwards) or off (forward only: no graph is built, the requests are dropped).
+        instead: Called in place of each ``backward()``: it puts gradients in ``.grad``, so
+            that what the closure does after its ``backward()`` (clipping, logging a gradient
+            norm, a Lightning hook) finds some.
     """
-    mode = Intercepted()
+    mode = Intercepted(instead)
     with torch.set_grad_enabled(graph), mode:
         yield mode
 

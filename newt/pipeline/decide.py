@@ -176,7 +176,7 @@ def _rule_proposal(
         # halved a tiny start forever. The slopes still measure the line, where the step
         # measured one at the lookahead point; where it did not, it measured nothing.
         if rule.slope_form is None:
-            return grown_rate(rate.adapted, options, Decision.LINEAR), (d0_unit, d1_unit, f0)
+            return _unresolved(rate, d0, options), (d0_unit, d1_unit, f0)
         unit_rule, f1_seen = RULES[rule.slope_form], f0
     if rate.multiplier == 1.0:
         proposal = unit_rule.rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
@@ -187,6 +187,17 @@ def _rule_proposal(
         alpha = clamp_alpha(proposal.alpha / rate.multiplier, options.alpha_min, options.alpha_max)
         proposal = Proposal(alpha, proposal.decision)
     return proposal, (d0_unit, d1_unit, f1_seen)
+
+
+def _unresolved(rate: GroupRate, d0: float, options: RuleOptions) -> Proposal:
+    """A step that measured no slope at the lookahead point, too short for its losses to show.
+
+    A descent grows the rate (``"linear"``): nothing was measured. Otherwise the rate is kept
+    (``"nonconvex"``), and a step that did not move at all is the adjusters' case.
+    """
+    if d0 > 0.0:
+        return grown_rate(rate.adapted, options, Decision.LINEAR)
+    return Proposal(clamp_alpha(rate.adapted, options.alpha_min, options.alpha_max), Decision.NONCONVEX)
 
 
 def _too_short(
