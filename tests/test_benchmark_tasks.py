@@ -398,3 +398,11 @@ def test_the_sharpness_trace_measures_without_disturbing_the_run() -> None:
     assert [r["step"] for r in probed] == [1, 3] and probed[1] == unprobed[0]
     assert all(math.isfinite(r["lambda_max"]) and r["lambda_max"] != 0.0 for r in probed)
     assert momentum == 0.9 and sharpness.trace("digits", "newt-adam-gen", 1e-2, 0, 2, set())[1] is None
+
+
+def test_the_forward_cost_benchmark_times_a_forward_pass_below_a_forward_and_backward_pass():
+    from benchmarks import forward_cost
+    from benchmarks.robustness import TASKS
+
+    forward, both, share = forward_cost.ratio(TASKS["digits"], repeats=3)
+    assert 0.0 < forward < both and share == pytest.approx(forward / both)

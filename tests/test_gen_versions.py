@@ -368,3 +368,27 @@ def test_a_grad_scaler_leaves_the_measured_curvature_unscaled(strategy):
             curvatures.append(opt.step_info.d0 - opt.step_info.d1)
         runs.append(curvatures)
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["gen", "gen-three-point", "gen-exact"])
+def test_on_a_quadratic_each_version_moves_the_rate_to_the_exact_line_minimiser(strategy):
+    """SGD on ``x^T H x / 2 - b^T x``: along the step ``-g`` the line minimiser is ``g^T g / g^T H g``,
+    computed here independently; undamped (smoothing 0) every version lands on it."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    h = a @ a.T + torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = newt.Newt(torch.optim.SGD([x], lr=0.01), strategy, smoothing=0.0, start_armijo=0.0, max_factor=1e3)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * x @ h @ x - b @ x
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        g = (h @ x - b).detach()
+        opt.step(closure)
+        assert opt.step_info.decision is Decision.NEWTON
+        assert opt.step_info.alpha_next == pytest.approx(float(g @ g / (g @ h @ g)), rel=1e-9)
