@@ -21,12 +21,13 @@ What is measured, per task (``benchmarks/tasks.py``) and run (method, initial ra
 
 - the run trains until it has spent ``--budget`` gradient evaluations (default: the task's),
   counted by hooks on the model and the loss (``benchmarks.peers.PassCounter``), not by the
-  methods: a lookahead ``Newt`` step costs 2, a lazy one 1.25 on average (K=4), a
-  closure-free one 1; a forward pass without a backward costs a third (GeN's official
-  ``lr_parabola`` three of them, ``forward_only=True`` one per step: 1.33, ``gen-three-point``
-  two: 1.67). ``gen-exact`` is counted 2.33 (its call at ``theta_t`` as one evaluation, although
-  its double backward costs more: the overhead benchmark times it). So ``Newt`` lookahead takes
-  half as many optimizer steps as plain Adam. A run whose parameters turn NaN stops early (it
+  methods: a forward pass without a backward costs a third (``benchmarks/forward_cost.py``
+  measures the ratio per model), so a ``Newt`` step with ``gen``'s forward-only lookahead (the
+  default) costs 1.33, one that measures the lookahead's gradient 2, a lazy one (K=4) 1.08
+  on average with ``gen`` and 1.25 with the gradient measured, a closure-free one 1; GeN's
+  official ``lr_parabola`` three forward passes, ``gen-three-point`` 1.67 a step. ``gen-exact``
+  is counted 2.33 (its call at ``theta_t`` as one evaluation, although its double backward
+  costs more: the overhead benchmark times it). A run whose parameters turn NaN stops early (it
   "diverged");
 - the final training loss (the whole training set, eval mode, no grad) and the test metric
   (accuracy; bits per byte for the language model);
@@ -123,7 +124,7 @@ INNER_LABEL = {"adam": "Adam", "sgd": "SGD(m=0.9)"}
 MODE_LABELS = {
     "": "lookahead",
     "-lazy4": "lazy K=4",
-    "-fwd": "lookahead, forward only",
+    "-grad": "lookahead, gradient measured",
     "-free": "closure-free",
     "-free-loss": "closure-free, loss=",
 }
@@ -199,8 +200,8 @@ def _methods() -> dict[str, Method]:
             modes = [("", {}, False), ("-lazy4", {"update_every": 4}, False)]
             if strategy in ("retsinas", "gen"):  # the others call the closure again: no closure-free mode
                 modes += [("-free", {}, True), ("-free-loss", {}, True)]
-            if strategy == "gen":
-                modes += [("-fwd", {"forward_only": True}, False)]
+            if strategy == "gen":  # the lookahead's gradient measured, the default before forward-only
+                modes += [("-grad", {"forward_only": False}, False)]
             for suffix, options, free in modes:
                 mode = MODE_LABELS[suffix]
 

@@ -475,7 +475,7 @@ INNER: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
 PEERS = ("prodigy", "dadapt-adam", "dog")
 NEWT_METHODS = ("newt", "newt-free-loss")
 """The defaults the targets are about."""
-VARIANTS = ("newt-gradient", "newt-three-point", "newt-exact")
+VARIANTS = ("newt-gradient", "newt-gradient-steps", "newt-three-point", "newt-exact")
 """Other measurements, reported against the targets too when they were run (``--methods``)."""
 
 
@@ -508,6 +508,17 @@ def methods(inner: str) -> dict[str, tuple[Method, float]]:
                 newt(False, forward_only=False),
             ),
             1.0,
+        ),
+        # as many steps as the default (3/4 of the budget): the two lookaheads at equal steps
+        "newt-gradient-steps": (
+            Method(
+                "newt-gradient-steps",
+                f"Newt({label}), closure, gradient at the lookahead, the default's steps",
+                "newt",
+                True,
+                newt(False, forward_only=False),
+            ),
+            1.5,
         ),
         # as many steps as the plain optimizer and the peers: a step with a forward-only
         # lookahead costs 4/3 gradient evaluations
