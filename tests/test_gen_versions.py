@@ -392,3 +392,29 @@ def test_on_a_quadratic_each_version_moves_the_rate_to_the_exact_line_minimiser(
         opt.step(closure)
         assert opt.step_info.decision is Decision.NEWTON
         assert opt.step_info.alpha_next == pytest.approx(float(g @ g / (g @ h @ g)), rel=1e-9)
+
+
+def test_gen_exact_on_an_operation_without_a_second_derivative_says_what_to_change():
+    """torch's CPU flash attention has no double backward: the step raises, names the way out,
+    and moves nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 4, 16, 8)
+    opt = newt.Newt(torch.optim.Adam(proj.parameters(), lr=0.01), "gen-exact")
+
+    def closure():
+        opt.zero_grad()
+        q = proj(x)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the kernel nn.TransformerEncoderLayer picks on the CPU
+            loss = torch.nn.functional.scaled_dot_product_attention(q, q, q).pow(2).mean()
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in proj.parameters()]
+    with pytest.raises(RuntimeError, match="gen-three-point") as caught:
+        opt.step(closure)
+    assert "not implemented" in str(caught.value.__cause__)
+    assert all(torch.equal(p, b) for p, b in zip(proj.parameters(), before))
+    assert opt.step_info is None

@@ -201,13 +201,11 @@ class Lookahead(Mode):
                 )
             try:
                 return curvature_along(requests, gathered.active, step)
-            except RuntimeError as error:
-                if "double backward" not in str(error):
-                    raise
+            except RuntimeError as error:  # an operation without a second derivative, a compiled graph
                 raise RuntimeError(
-                    f"strategy {self.rule.name!r} differentiates the loss twice, which this model does not "
-                    f"support ({error}): a torch.compile'd model needs strategy='gen-three-point' (forward "
-                    "passes only), or compile it without AOT autograd (backend='eager')."
+                    f"strategy {self.rule.name!r} differentiates the loss twice, and this model cannot be: "
+                    f"{error}. Use strategy='gen-three-point' (forward passes only); a torch.compile'd "
+                    "model can also be compiled without AOT autograd (backend='eager')."
                 ) from error
 
         value = call("third (curvature at the start)", backward="capture", then=curvature)
