@@ -498,7 +498,7 @@ def methods(inner: str) -> dict[str, tuple[Method, float]]:
             1.0,
         ),
         # the measurements that read no gradient at the lookahead point, and exact GeN
-        # the lookahead's gradient measured, as before the forward-only lookahead became the default
+        # gen with the lookahead's gradient measured (forward_only=False)
         "newt-gradient": (
             Method(
                 "newt-gradient",

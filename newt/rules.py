@@ -219,7 +219,10 @@ def gen_exact(alpha: float, d0: float, curvature: float, options: RuleOptions = 
         alpha_next = smoothing * alpha + (1 - smoothing) * delta
 
     When the curvature is not safely positive the rate is kept. This is ``gen_slopes`` with the
-    exact ``d^T H d`` in place of the gradient difference ``d0 - d1``.
+    exact ``d^T H d`` in place of the gradient difference ``d0 - d1``. The strategy
+    ``"gen-exact"`` (``STRATEGIES["gen-exact"]``) is this rule in the five-scalar form every rule
+    has, with the curvature passed as ``d1 = d0 - curvature``; pass the name, not this function,
+    as ``Newt``'s strategy.
     """
     if _invalid_inputs(alpha, d0, curvature):
         return shrunk_rate(alpha, options)
@@ -240,7 +243,9 @@ def gen_three_point(
         alpha_next = smoothing * alpha + (1 - smoothing) * delta
 
     When the parabola is not convex (``f_back - 2 f0 + f1`` not safely positive against the
-    two changes ``|f_back - f0| + |f1 - f0|``) the rate is kept. No slope is read.
+    two changes ``|f_back - f0| + |f1 - f0|``) the rate is kept. No slope is read. The strategy
+    ``"gen-three-point"`` is this rule in the five-scalar form, with the fit's curvature passed
+    as ``d1 = d0 - (f_back - 2 f0 + f1)``; pass the name, not this function, as the strategy.
     """
     if _invalid_inputs(alpha, f0, f1, f_back):
         return shrunk_rate(alpha, options)

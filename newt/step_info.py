@@ -42,6 +42,9 @@ class StepInfo:
         d0: ``<grad L(theta_t), d_t>`` with the step ``d_t = theta_t - theta_{t+1}``. In
             closure-free mode, the sum over the block of steps that was just evaluated.
         d1: ``<grad L(theta_{t+1}), d_t>`` (closure-free mode: with the next batch's gradient).
+            Where the lookahead computes no gradient (``gen``'s forward-only default,
+            ``gen-three-point``, ``gen-exact``), ``d0 - C``: the slope there of the parabola the
+            step measured, whose curvature along the step is ``C`` (``docs/math.md``).
         alpha: The rate the step used (the largest group's learning rate). In closure-free
             mode: the rate of the steps just measured (the previous step, or block).
         alpha_next: The rate the next step will use. In closure-free mode the rate is adapted

@@ -35,6 +35,9 @@ class Strategy:
             strategy needs the loss values.
         given_loss: The rule of a closure-free step given its loss, with the blow-up check on.
         source: The strategy as the user gave it.
+        gradient_lookahead: Where ``with_losses`` measures its lookahead forward only by default,
+            the rule measured with the gradient: what a step uses on sharded (DTensor)
+            parameters, whose all-gathered copies FSDP2 may keep until a backward pass.
     """
 
     name: str
@@ -42,6 +45,7 @@ class Strategy:
     without_losses: RuleSpec | None
     given_loss: RuleSpec | None
     source: str | Callable[..., Any] = AUTO
+    gradient_lookahead: RuleSpec | None = None
 
 
 def resolve(strategy: str | Callable[..., Any]) -> Strategy:
@@ -95,15 +99,25 @@ def measured_forward_only(strategy: Strategy, per_group: bool, forward_only: boo
     """``strategy`` with its closure steps' lookahead measured forward only, as ``forward_only`` says.
 
     None: wherever the rule reads no gradient at the lookahead point (``gen``, ``"auto"``; the
-    GeN versions always). False: the lookahead's gradient is measured (only ``gen-three-point``
-    and ``gen-exact`` never measure it).
+    GeN versions always). False: the lookahead's gradient is measured.
 
     Raises:
         ValueError: ``forward_only=True`` with ``per_group`` (each group's rate reads its own
-            slope at the lookahead point), or with a rule that reads the gradient there.
+            slope at the lookahead point), or with a rule that reads the gradient there;
+            ``forward_only=False`` with ``gen-three-point`` or ``gen-exact``.
     """
+    measures_elsewhere = strategy.with_losses.lookahead in ("three-point", "hessian")
+    if forward_only is False and measures_elsewhere:
+        raise ValueError(
+            f"strategy {strategy.name!r} never measures the gradient at the lookahead point "
+            "(it reads no slope there): leave forward_only unset."
+        )
     if forward_only is None:
-        forward_only = not per_group and strategy.with_losses.rule is gen
+        if per_group or strategy.with_losses.rule is not gen:
+            return strategy
+        return replace(
+            strategy, with_losses=forward_only_rule(strategy.with_losses), gradient_lookahead=strategy.with_losses
+        )
     if not forward_only:
         return strategy
     if per_group:

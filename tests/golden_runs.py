@@ -133,8 +133,8 @@ def _configs() -> list[Config]:
         Config("mixed", "auto", False),
         Config("mixed", "gen", True),
     ]
-    # the lookahead's gradient measured, as before the forward-only lookahead became the default
-    # of gen: these traces were recorded then, under the names without the option
+    # gen with the lookahead's gradient measured: the same traces as the configurations without
+    # the option recorded before gen's lookahead went forward only (see the CHANGELOG)
     gradient = (("forward_only", False),)
     configs += [
         *(Config(mode, "auto", faults, gradient) for mode in ("lookahead", "lazy") for faults in (False, True)),

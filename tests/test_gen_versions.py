@@ -206,7 +206,7 @@ def test_gen_three_point_measures_the_loss_behind_the_start_and_lands_on_the_inn
 
 @pytest.mark.parametrize(
     ("strategy", "forward", "backwards"),
-    [("gen", True, 1), ("auto", True, 1), ("gen-three-point", False, 1), ("gen", False, 2), ("taylor", False, 2)],
+    [("gen", True, 1), ("auto", None, 1), ("gen-three-point", None, 1), ("gen", False, 2), ("taylor", None, 2)],
 )
 def test_a_forward_only_lookahead_runs_no_backward_there(strategy, forward, backwards):
     model, x, y = _mlp()
@@ -324,6 +324,42 @@ def test_forward_only_refuses_a_rule_that_reads_the_lookahead_gradient():
             newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), strategy, forward_only=True)
     with pytest.raises(ValueError, match="per_group"):
         newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), "gen", forward_only=True, per_group=True)
+
+
+@pytest.mark.parametrize("strategy", ["gen-exact", "gen-three-point"])
+def test_forward_only_false_is_refused_where_no_gradient_is_read_at_the_lookahead(strategy):
+    model, _, _ = _mlp()
+    with pytest.raises(ValueError, match="leave forward_only unset"):
+        newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), strategy, forward_only=False)
+
+
+@pytest.mark.parametrize("strategy", ["gen", "gen-exact", "gen-three-point"])
+def test_a_rejected_step_of_each_version_ends_bit_for_bit_at_theta_t(strategy):
+    model, x, y = _mlp()
+    # far too large a first step: the start-up test undoes it
+    opt = newt.Newt(torch.optim.SGD(model.parameters(), lr=50.0), strategy)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(model, x, y, opt))
+    assert opt.step_info.rejected
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("strategy", ["gen", "gen-exact", "gen-three-point"])
+def test_after_a_step_that_computes_no_lookahead_gradient_grad_is_theta_ts_even_if_zeroed_in_place(strategy):
+    model, x, y = _mlp()
+    opt = newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), strategy)
+    start = _flat(model.parameters())
+
+    def closure():
+        opt.zero_grad(set_to_none=False)  # zeroes whatever .grad holds, in place
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()  # every parameter has a .grad to zero
+    opt.step(closure)
+    gradient = torch.autograd.functional.jacobian(_flat_loss(model, x, y), start)
+    assert torch.allclose(_flat(p.grad for p in model.parameters()), gradient, rtol=1e-12, atol=1e-15)
 
 
 def test_gen_exact_says_what_to_change_when_the_closure_never_calls_backward():

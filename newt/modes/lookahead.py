@@ -71,10 +71,13 @@ class Lookahead(Mode):
         self.noise = NoiseCorrection(settings.noise_cap, settings.per_group)
 
     def step(self, state: State, closure: Callable[[], Any]) -> Any:
-        if self.rule.lookahead == "hessian" and self.measurer.dtensors:
+        if self.rule.lookahead != "gradient" and self.measurer.dtensors:
+            # FSDP2 may keep a module's all-gathered parameters (the root's) until its backward
+            # pass: a call without one could leave the next calls computing with stale copies
             raise ValueError(
-                f"strategy {self.rule.name!r} differentiates the loss twice, which sharded (DTensor, FSDP2) "
-                "parameters do not support: use strategy='gen-three-point' or 'gen' there."
+                f"strategy {self.rule.name!r} calls the closure without its backward pass (or, gen-exact, "
+                "differentiates it twice), which sharded (DTensor, FSDP2) parameters do not support: use "
+                "strategy='gen' (or 'auto') with forward_only unset or False there."
             )
         params = [p for group in self.param_groups for p in group["params"]]
         rng_at_start = RngState(cuda_devices(params))
@@ -110,16 +113,7 @@ class Lookahead(Mode):
             if clip is not None:  # measured with the clipped gradient: the unclipped one's slope
                 d0 = d0 / clip
             del grads
-            first_grads = [p.grad for p in gathered.active] if self.rule.lookahead != "gradient" else []
-
-            def first_gradients() -> None:  # where no gradient is computed, theta_t's stand in
-                for p, g in zip(gathered.active, first_grads):
-                    p.grad = g
-
-            for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
-                p.grad = None
-            looked = self._look(closure, rng_at_start, gathered, first_gradients)
-            first_gradients()
+            looked = self._look_keeping_gradients(closure, rng_at_start, gathered)
             measured, noise, keys = self._measure(state, gathered, f0, d0, looked, probe)
             verdict = self._decide(state, gathered, measured, noise, loss)
         except BaseException:
@@ -136,9 +130,30 @@ class Lookahead(Mode):
 
     @property
     def rule(self) -> RuleSpec:
-        """The rule of a closure step (per-group rates read only the slopes)."""
+        """The rule of a closure step (per-group rates read only the slopes; sharded parameters
+        measure the lookahead's gradient where that is only the default's choice)."""
         strategy = self.settings.strategy
-        return strategy.without_losses if self.settings.per_group else strategy.with_losses
+        if self.settings.per_group:
+            return strategy.without_losses
+        if self.measurer.dtensors and strategy.gradient_lookahead is not None:
+            return strategy.gradient_lookahead
+        return strategy.with_losses
+
+    def _look_keeping_gradients(self, closure: Callable[[], Any], rng_at_start: RngState, gathered: Gathered) -> Looked:
+        """:meth:`_look`, with ``theta_t``'s gradients in ``.grad`` wherever no gradient is computed:
+        in place of each skipped ``backward()``, and after the calls (also when one raised)."""
+        first_grads = [p.grad for p in gathered.active] if self.rule.lookahead != "gradient" else []
+
+        def first_gradients() -> None:
+            for p, g in zip(gathered.active, first_grads):
+                p.grad = g
+
+        for p in gathered.active:  # the lookahead's gradient must not accumulate onto the first one
+            p.grad = None
+        try:
+            return self._look(closure, rng_at_start, gathered, first_gradients)
+        finally:
+            first_gradients()
 
     def _look(
         self, closure: Callable[[], Any], rng_at_start: RngState, gathered: Gathered, instead: Callable[[], None]
@@ -158,6 +173,8 @@ class Lookahead(Mode):
                 if backward == "run":
                     with torch.enable_grad():
                         return loss_tensor(closure(), which)
+                for p in gathered.active:  # a zero_grad(set_to_none=False) must not zero theta_t's
+                    p.grad = None
                 with intercepted_backward(graph=backward == "capture", instead=instead) as caught:
                     loss = loss_tensor(closure(), which)
                 return loss if then is None else then(caught.requests)

@@ -95,9 +95,10 @@ def curvature_along(
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not used:
             return zero
-        directional = torch.stack([(grads[i] * step[i]).sum() for i in used]).sum()
+        # on one device: a model may spread its parameters over several
+        directional = torch.stack([(grads[i] * step[i]).sum().to(zero.device) for i in used]).sum()
         products = torch.autograd.grad(directional, [params[i] for i in used], allow_unused=True)
-    return zero + sum(_dot(hv, step[i]) for hv, i in zip(products, used) if hv is not None)
+    return zero + sum(_dot(hv, step[i]).to(zero.device) for hv, i in zip(products, used) if hv is not None)
 
 
 def _gradients_with_graph(

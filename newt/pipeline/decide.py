@@ -171,13 +171,16 @@ def _rule_proposal(
     f1_unit, d0_unit, d1_unit = debiased(f1_, d0, d1, share) if share else (f1_, d0, d1)
     unit_rule, f1_seen = rule, f1
     if rule.builtin and abs(d0) <= resolution:
-        # The step's predicted change is below the loss values' rounding, so f1 - f0 is
+        # The step's predicted change is below the loss values' rounding, so f1 - f0 may be
         # rounding alone: gen read f1 == f0 as a parabola with its minimum at alpha / 2 and
         # halved a tiny start forever. The slopes still measure the line, where the step
-        # measured one at the lookahead point; where it did not, it measured nothing.
+        # measured one at the lookahead point; where it did not and the losses did not move
+        # beyond their rounding either, it measured nothing.
         if rule.slope_form is None:
-            return _unresolved(rate, d0, options), (d0_unit, d1_unit, f0)
-        unit_rule, f1_seen = RULES[rule.slope_form], f0
+            if _losses_unmoved(rule, f0_, f1_, d0, d1, resolution):
+                return _unresolved(rate, d0, options), (d0_unit, d1_unit, f0)
+        else:
+            unit_rule, f1_seen = RULES[rule.slope_form], f0
     if rate.multiplier == 1.0:
         proposal = unit_rule.rule(rate.adapted, f0_, f1_unit, d0_unit, d1_unit, options)
     elif unit_rule.builtin:
@@ -189,8 +192,17 @@ def _rule_proposal(
     return proposal, (d0_unit, d1_unit, f1_seen)
 
 
+def _losses_unmoved(rule: RuleSpec, f0: float, f1: float, d0: float, d1: float, resolution: float) -> bool:
+    """Whether every loss the step measured is within rounding of ``f0`` (the three-point fit's
+    ``f_back - f0`` is ``C + f0 - f1``, with its curvature passed as ``C = d0 - d1``)."""
+    changes = [f1 - f0]
+    if rule.lookahead == "three-point":
+        changes.append(d0 - d1 + f0 - f1)
+    return all(abs(change) <= resolution for change in changes)
+
+
 def _unresolved(rate: GroupRate, d0: float, options: RuleOptions) -> Proposal:
-    """A step that measured no slope at the lookahead point, too short for its losses to show.
+    """A step that measured no slope at the lookahead point, too short for its losses to move.
 
     A descent grows the rate (``"linear"``): nothing was measured. Otherwise the rate is kept
     (``"nonconvex"``), and a step that did not move at all is the adjusters' case.
