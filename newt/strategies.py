@@ -78,8 +78,8 @@ def forward_only_rule(spec: RuleSpec) -> RuleSpec:
 
     ``gen`` reads no gradient there, and the strategies that measure their curvature otherwise
     (``gen-exact``, ``gen-three-point``) never run one. A step whose predicted change is below
-    the losses' rounding then has no slope form to fall back on: it measured nothing, and the
-    rate grows.
+    the losses' rounding then has no slope form to fall back on: where its losses did not move
+    beyond rounding either, it measured nothing, and a descent grows the rate.
 
     Raises:
         ValueError: The rule reads the lookahead's gradient (``retsinas``, ``taylor``, a custom rule).
