@@ -376,14 +376,11 @@ def _init_worker() -> None:
 # ---------------------------------------------------------------------------- the table
 
 
-@dataclass
-class Row:
-    method: Method
-    loss_at: dict[float | None, float]  # α0 -> mean final training loss over seeds (inf: diverged)
-    metric_at: dict[float | None, float]
-    evals: float
-    steps: float
-    seconds: float
+class OverStarts:
+    """The figures over the starts of a row whose ``loss_at`` maps α0 to the mean final training
+    loss over the seeds (inf: diverged): the mean over α0, the worst α0 and its loss."""
+
+    loss_at: dict[float | None, float]
 
     @property
     def losses(self) -> list[float]:
@@ -394,16 +391,26 @@ class Row:
         return statistics.fmean(self.losses) if all(map(math.isfinite, self.losses)) else math.inf
 
     @property
-    def std(self) -> float:
-        return statistics.pstdev(self.losses) if all(map(math.isfinite, self.losses)) else math.nan
-
-    @property
     def worst_alpha0(self) -> float | None:
         return max(self.loss_at, key=lambda a: self.loss_at[a])
 
     @property
     def worst(self) -> float:
         return self.loss_at[self.worst_alpha0]
+
+
+@dataclass
+class Row(OverStarts):
+    method: Method
+    loss_at: dict[float | None, float]
+    metric_at: dict[float | None, float]
+    evals: float
+    steps: float
+    seconds: float
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.losses) if all(map(math.isfinite, self.losses)) else math.nan
 
 
 def per_alpha0(runs: list[dict[str, Any]]) -> tuple[dict[float | None, float], dict[float | None, float]]:

@@ -50,6 +50,7 @@ from benchmarks.robustness import (
     Job,
     Method,
     NewtStepper,
+    OverStarts,
     _init_worker,
     _loss,
     _metric,
@@ -574,7 +575,7 @@ def jobs_for(name: str, rates: list[float], seeds: int, keys: list[str] | None =
 
 
 @dataclass
-class Summary:
+class Summary(OverStarts):
     """One method on one task: the figures the targets read."""
 
     label: str
@@ -586,19 +587,6 @@ class Summary:
     seconds_per_step: float
     evals: float
     steps: float
-
-    @property
-    def worst_alpha0(self) -> float | None:
-        return max(self.loss_at, key=lambda a: self.loss_at[a])
-
-    @property
-    def worst(self) -> float:
-        return self.loss_at[self.worst_alpha0]
-
-    @property
-    def mean(self) -> float:
-        values = list(self.loss_at.values())
-        return statistics.fmean(values) if all(map(math.isfinite, values)) else math.inf
 
 
 def summarize(entry: SuiteTask, runs: list[dict[str, Any]]) -> dict[str, Summary]:
