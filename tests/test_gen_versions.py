@@ -296,13 +296,25 @@ def test_the_extra_calls_leave_batchnorm_statistics_as_the_first_call_left_them(
 
 def test_gen_exact_works_with_lazy_updates():
     model, x, y = _mlp()
-    opt = newt.Newt(torch.optim.Adam(model.parameters(), lr=0.01), "gen-exact", update_every=3)
-    closure = _closure(model, x, y, opt)
-    decisions = []
+    opt = newt.Newt(
+        torch.optim.Adam(model.parameters(), lr=0.01), "gen-exact", update_every=3, start_armijo=0.0
+    )
+    inner = _closure(model, x, y, opt)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return inner()
+
+    decisions, calls_per_step = [], []
     for _ in range(9):
+        before = calls[0]
         opt.step(closure)
         decisions.append(opt.step_info.decision)
-    assert decisions.count(Decision.PLAIN) == 6
+        calls_per_step.append(calls[0] - before)
+    # every third step measures (three calls: theta_t, the lookahead, the curvature at theta_t)
+    assert calls_per_step == [3, 1, 1] * 3
+    assert [d is Decision.PLAIN for d in decisions] == [False, True, True] * 3
     assert math.isfinite(opt.alpha)
 
 

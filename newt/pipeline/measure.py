@@ -71,8 +71,13 @@ class Measurer:
 
     def reflect(self, local: list[torch.Tensor]) -> None:
         """Move the parameters to ``theta_t + d = 2 theta_t - theta_{t+1}`` (after :meth:`park`)."""
-        for param, start, end in zip(local, self.buffer, self.spare):
-            param.copy_(start).mul_(2.0).sub_(end)
+        _kernels.copy_(local, self.buffer, foreach=self.foreach)
+        if self.foreach:
+            torch._foreach_mul_(local, 2.0)
+            torch._foreach_sub_(local, self.spare)
+        else:
+            for param, end in zip(local, self.spare):
+                param.mul_(2.0).sub_(end)
 
     def step_vectors(self) -> list[torch.Tensor]:
         """The step ``d = theta_t - theta_{t+1}``, one new tensor per parameter (after :meth:`park`)."""
